@@ -1,0 +1,124 @@
+"""Initialise ``torch.distributed`` and Megatron's ``parallel_state`` for one process.
+
+Works under ``torchrun`` (reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) and as a plain single process (a one-rank gloo group on a free local port).
+Backend: ``nccl`` when CUDA is available, ``gloo`` otherwise; on CPU-only machines the
+compatibility patches of :mod:`megatron_hybrid.runtime.cpu_compat` are applied first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid.runtime.cpu_compat import apply_cpu_compat_patches
+
+__all__ = ["ParallelConfig", "initialize_runtime", "destroy_runtime", "device"]
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. The data-parallel size is derived: world / (tp * pp)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP degree: column/row-parallel linears shard their weights over this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP degree: the decoder layers are split into this many stages."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved schedule); None disables interleaving."""
+    sequence_parallel: bool = False
+    """Shard activations outside the TP regions along the sequence (needs TP > 1)."""
+    backend: str | None = None
+    """``nccl`` or ``gloo``; None picks nccl with CUDA, gloo without."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{key} must be an integer >= 1, got {value!r}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if not isinstance(vpp, int) or vpp < 1:
+                raise ValueError(
+                    f"parallel.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vpp!r}"
+                )
+            if self.pipeline_model_parallel_size < 2 and vpp > 1:
+                raise ValueError(
+                    "parallel.virtual_pipeline_model_parallel_size > 1 needs "
+                    "pipeline_model_parallel_size >= 2"
+                )
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size >= 2")
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"parallel.backend must be 'nccl', 'gloo' or null, got {self.backend!r}")
+
+
+def device() -> torch.device:
+    """The device this rank computes on (its local GPU, or the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Bring up the process group and Megatron's model-parallel groups, then seed RNGs.
+
+    Idempotent for the process group; (re)creates Megatron's groups every call, so call
+    :func:`destroy_runtime` between layouts in one process.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        apply_cpu_compat_patches()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = parallel.backend or ("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=parallel.timeout_minutes))
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {parallel.tensor_model_parallel_size} x "
+            f"{parallel.pipeline_model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_runtime() -> None:
+    """Tear down Megatron's groups and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
