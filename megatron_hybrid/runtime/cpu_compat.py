@@ -58,6 +58,14 @@ PATCHES: tuple[PatchInfo, ...] = (
         "shape/recv buffers on torch.cuda.current_device(); torch.cuda.synchronize() after p2p",
     ),
     PatchInfo(
+        "megatron.core.tensor_parallel.layers",
+        "sequence-parallel all-gather buffer in the linear backward on torch.cuda.current_device()",
+    ),
+    PatchInfo(
+        "megatron.core.tensor_parallel.mappings",
+        "sequence-parallel gather / reduce-scatter outputs allocated on torch.cuda.current_device()",
+    ),
+    PatchInfo(
         "megatron.core.transformer.attention",
         "inference KV buffers allocated on torch.cuda.current_device()",
     ),

@@ -1,0 +1,95 @@
+"""A built-in verifiable task: integer arithmetic with a character tokenizer.
+
+Problems look like ``"123+45="`` with answer ``"168"`` followed by the end token ``$``. The answer is
+written most-significant digit first. Everything is generated locally from a seed, so the demo
+needs no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_hybrid.train.step import Batch
+
+__all__ = ["CharTokenizer", "ArithTask", "make_sft_batch"]
+
+
+class CharTokenizer:
+    """Maps the characters of arithmetic problems to ids; id 0 is padding."""
+
+    PAD = "_"
+    EOS = "$"
+    CHARS = PAD + "0123456789+-*=" + EOS
+
+    def __init__(self) -> None:
+        self._ids = {c: i for i, c in enumerate(self.CHARS)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.CHARS)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids[self.EOS]
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer alphabet {self.CHARS!r}") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.CHARS[i] for i in ids if 0 < i < len(self.CHARS))
+
+
+@dataclass
+class ArithTask:
+    """Random problems ``a <op> b`` with ``a`` of ``min_digits..max_digits`` digits."""
+
+    op: str = "+"
+    min_digits: int = 1
+    max_digits: int = 3
+    b_max: int | None = None
+    """Upper bound of ``b`` (None: same digit range as ``a``)."""
+
+    def __post_init__(self) -> None:
+        if self.op not in "+-*" or len(self.op) != 1:
+            raise ValueError(f"task.op must be one of '+', '-', '*', got {self.op!r}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+
+    def sample(self, n: int, gen: torch.Generator) -> list[tuple[str, str]]:
+        """``n`` (prompt, answer) pairs."""
+        lo, hi = 10 ** (self.min_digits - 1), 10**self.max_digits
+        a = torch.randint(lo, hi, (n,), generator=gen).tolist()
+        b_hi = (self.b_max + 1) if self.b_max is not None else hi
+        b = torch.randint(lo if self.b_max is None else 0, b_hi, (n,), generator=gen).tolist()
+        out = []
+        for x, y in zip(a, b):
+            value = x + y if self.op == "+" else x - y if self.op == "-" else x * y
+            out.append((f"{x}{self.op}{y}=", str(value)))
+        return out
+
+
+def make_sft_batch(pairs: list[tuple[str, str]], tok: CharTokenizer, seq_length: int) -> Batch:
+    """Next-token batch of ``prompt + answer + EOS``; the loss counts answer and EOS tokens only."""
+    n = len(pairs)
+    tokens = torch.zeros(n, seq_length, dtype=torch.long)
+    labels = torch.zeros(n, seq_length, dtype=torch.long)
+    mask = torch.zeros(n, seq_length, dtype=torch.float)
+    for i, (prompt, answer) in enumerate(pairs):
+        p = tok.encode(prompt)
+        full = p + tok.encode(answer) + [tok.eos_id]
+        if len(full) > seq_length + 1:
+            raise ValueError(f"row {i}: {prompt + answer!r} needs {len(full) - 1} tokens > seq_length {seq_length}")
+        ids = torch.tensor(full)
+        tokens[i, : len(full) - 1] = ids[:-1]
+        labels[i, : len(full) - 1] = ids[1:]
+        mask[i, len(p) - 1 : len(full) - 1] = 1.0
+    return Batch(tokens=tokens, labels=labels, loss_mask=mask)

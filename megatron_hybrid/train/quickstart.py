@@ -1,0 +1,147 @@
+"""A short supervised run of the tiny model with a hybrid plan: the project's smoke-test job.
+
+Builds the model at the configured TP/PP/DP layout, applies the hybrid plan (FFT modules + LoRA on
+the rest), wraps Megatron DDP, trains a few steps of next-token loss on the built-in arithmetic task,
+and prints the loss per step and the table of trainable parameters.
+
+Run: ``megatron-hybrid train`` (defaults) or, on 2 ranks at TP=2,
+``torchrun --nproc_per_node 2 -m megatron_hybrid.cli train parallel.tensor_model_parallel_size=2``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
+from megatron_hybrid.models.config import ModelConfig
+from megatron_hybrid.models.provider import build_model
+from megatron_hybrid.peft.apply import PlanSummary, apply_hybrid_plan, all_linear_names
+from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.peft.plan import PeftSpec
+from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
+from megatron_hybrid.train.step import Batch, OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
+
+__all__ = ["QuickstartConfig", "RunConfig", "run_quickstart", "global_batch_shard"]
+
+
+@dataclass
+class RunConfig:
+    """Length and batching of the run."""
+
+    steps: int = 30
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Rows per micro-batch."""
+    global_batch_size: int = 32
+    """Rows per optimizer step over all data-parallel ranks."""
+    seq_length: int = 16
+    """Tokens per row (prompt + answer + end token, right-padded)."""
+    seed: int = 1234
+    """Seeds the model init, the data and the adapters."""
+    log_interval: int = 5
+    """Print the loss every this many steps."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"run.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"run.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"run.micro_batch_size ({self.micro_batch_size})"
+            )
+
+
+def _default_peft() -> PeftSpec:
+    # Until the scoring step picks them, FFT goes to the two top-layer MLP inputs (2 of 16
+    # candidates = the paper's 10% budget rounded up), which a probe in QUALITY_NOTES.md preferred.
+    return PeftSpec(
+        fft_modules=["decoder.layers.2.mlp.linear_fc1", "decoder.layers.3.mlp.linear_fc1"],
+        lora=LoRAConfig(rank=4, alpha=8.0),
+    )
+
+
+@dataclass
+class QuickstartConfig:
+    """Everything the quick-start job needs (YAML sections of the same names)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=CharTokenizer().vocab_size))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftSpec = field(default_factory=_default_peft)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
+    task: ArithTask = field(default_factory=ArithTask)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def global_batch_shard(batch: Batch, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[Batch]:
+    """This data-parallel rank's micro-batches of a global batch (contiguous rows per rank)."""
+    rows = batch.tokens.shape[0]
+    if rows % (micro_batch_size * dp_size):
+        raise ValueError(
+            f"global batch of {rows} rows does not split into micro-batches of {micro_batch_size} "
+            f"over {dp_size} data-parallel ranks"
+        )
+    per_rank = rows // dp_size
+    start = dp_rank * per_rank
+    out = []
+    for s in range(start, start + per_rank, micro_batch_size):
+        sl = slice(s, s + micro_batch_size)
+        out.append(Batch(batch.tokens[sl], batch.labels[sl], batch.loss_mask[sl]))
+    return out
+
+
+def _is_logging_rank() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
+    """Train ``cfg.run.steps`` steps; returns ``{"losses", "summary", "wall_time_s"}``."""
+    tok = CharTokenizer()
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) < tokenizer vocabulary ({tok.vocab_size})")
+    initialize_runtime(cfg.parallel, seed=cfg.run.seed)
+    try:
+        chunks = build_model(cfg.model, cfg.parallel)
+        plan = cfg.peft.resolve(all_linear_names(chunks, parallel_state.get_pipeline_model_parallel_group()))
+        summary: PlanSummary = apply_hybrid_plan(chunks, plan)
+        ddp = wrap_ddp(chunks)
+        optimizer = build_optimizer(ddp, cfg.optim)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        if cfg.run.global_batch_size % (cfg.run.micro_batch_size * dp_size):
+            raise ValueError(
+                f"run.global_batch_size ({cfg.run.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x data-parallel size ({cfg.run.micro_batch_size} x {dp_size})"
+            )
+        logging = _is_logging_rank()
+        if torch.distributed.get_rank() == 0:
+            printer(f"layout: TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} DP={dp_size}")
+            printer(summary.table())
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        losses: list[float] = []
+        start = time.perf_counter()
+        for step in range(1, cfg.run.steps + 1):
+            batch = make_sft_batch(cfg.task.sample(cfg.run.global_batch_size, gen), tok, cfg.run.seq_length)
+            micro = global_batch_shard(batch, cfg.run.micro_batch_size, dp_rank, dp_size)
+            loss = lm_forward_backward(ddp, micro)
+            ok, _grad_norm, _ = optimizer.step()
+            if not ok:
+                raise RuntimeError(f"step {step}: optimizer step skipped (non-finite gradients)")
+            if loss is not None:
+                losses.append(loss)
+                if logging and (step % cfg.run.log_interval == 0 or step == 1):
+                    printer(f"step {step:4d}  loss {loss:.4f}")
+        wall = time.perf_counter() - start
+        if logging:
+            printer(f"trained {cfg.run.steps} steps in {wall:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        return {"losses": losses, "summary": summary, "wall_time_s": wall}
+    finally:
+        destroy_runtime()

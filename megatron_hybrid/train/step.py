@@ -1,0 +1,163 @@
+"""One optimizer step through Megatron-Core's machinery: DDP, pipeline schedule, optimizer.
+
+The schedule (``get_forward_backward_func``) picks no-pipelining, 1F1B or interleaved 1F1B from the
+layout. Losses are token sums normalised by the GLOBAL number of loss tokens
+(``calculate_per_token_loss``), so splitting a batch into micro-batches or over data-parallel
+ranks gives the same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer", "lm_forward_backward", "Batch"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings (Megatron's ``OptimizerConfig`` subset used here)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 0.0
+    """Global grad-norm clip; 0 disables it (Megatron's clipping needs CUDA tensors)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad!r}")
+        if self.clip_grad > 0 and not torch.cuda.is_available():
+            raise ValueError("optim.clip_grad > 0 needs CUDA (Megatron's clip_grads allocates CUDA tensors)")
+
+
+@dataclass
+class Batch:
+    """One micro-batch of token ids. Shapes ``[b, s]``; ``loss_mask`` 1.0 where the loss counts."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]:
+    """Megatron DDP around each chunk (after the hybrid plan: buffers hold only trainables)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = chunk.config
+        config.calculate_per_token_loss = True
+        wrapped.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=i > 0,
+            )
+        )
+    for chunk in wrapped:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfig):
+    """Megatron's optimizer over the trainable parameters of DDP-wrapped chunks."""
+    config = chunks[0].config
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=False,
+        ),
+        list(chunks),
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-sum loss, the token count, and a report (Megatron's 3-tuple convention)."""
+    mask = loss_mask.reshape(-1).float()
+    losses = output_tensor.float().reshape(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), mask.sum()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return output, partial(_loss_func, batch.loss_mask)
+
+
+def lm_forward_backward(
+    chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    *,
+    forward_only: bool = False,
+) -> float | None:
+    """Run the Megatron schedule over ``micro_batches`` (this DP rank's share of the batch).
+
+    Every pipeline stage passes the same ``micro_batches`` (only the first stage reads tokens,
+    only the last reads labels and masks). Gradients accumulate into the DDP buffers and are
+    finalised (DP all-reduce, SP/embedding reductions, division by the global token count).
+
+    Returns:
+        The mean token loss over the global batch on the last pipeline stage, else None.
+    """
+    seq_length = micro_batches[0].tokens.shape[1]
+    mbs = micro_batches[0].tokens.shape[0]
+    vpp = len(chunks)
+    iterators: list[Iterator[Batch]] | Iterator[Batch]
+    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    if not forward_only:
+        for c in chunks:
+            c.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators,
+        model=list(chunks) if vpp > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
+    dp = parallel_state.get_data_parallel_group()
+    if dp.size() > 1:
+        torch.distributed.all_reduce(total, group=dp)
+    return float(total[0] / total[1].clamp(min=1))
