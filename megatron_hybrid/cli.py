@@ -21,6 +21,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.scoring.job import ScoreJobConfig, run_score_job
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    cfg = load_config(ScoreJobConfig, args.config, overrides)
+    run_score_job(cfg)
+    return 0
+
+
+def _plan_show(args: argparse.Namespace) -> int:
+    from megatron_hybrid.scoring.plan_io import load_plan
+    from megatron_hybrid.scoring.show import plan_heatmap, plan_table
+
+    artifact = load_plan(args.plan)
+    print(plan_table(artifact))
+    if args.png:
+        print(f"heatmap written to {plan_heatmap(artifact, args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of overrides (see examples/)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.steps=10")
     train.set_defaults(func=_train)
+
+    score = sub.add_parser(
+        "score", help="score candidate modules (Hybrid-LoRA Score) and write a plan JSON"
+    )
+    score.add_argument("--config", help="YAML file of overrides (see examples/)")
+    score.add_argument("--out", help="plan file to write (default: plan.json)")
+    score.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. score.method=residual")
+    score.set_defaults(func=_score)
+
+    plan = sub.add_parser("plan", help="inspect plan files")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_sub.add_parser("show", help="table of modules, scores and decisions")
+    show.add_argument("plan", help="plan JSON written by `megatron-hybrid score`")
+    show.add_argument("--png", help="also write a layers x module-kinds heatmap to this PNG")
+    show.set_defaults(func=_plan_show)
     return parser
 
 

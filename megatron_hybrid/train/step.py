@@ -22,7 +22,15 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer", "lm_forward_backward", "Batch"]
+__all__ = [
+    "Batch",
+    "OptimConfig",
+    "build_optimizer",
+    "lm_forward_backward",
+    "reduce_loss_reports",
+    "run_schedule",
+    "wrap_ddp",
+]
 
 
 @dataclass
@@ -122,8 +130,42 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     return output, partial(_loss_func, batch.loss_mask)
 
 
+def run_schedule(
+    chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Batch], *, forward_only: bool = False
+) -> list[dict]:
+    """Megatron's forward/backward schedule over ``micro_batches``; returns the loss reports.
+
+    ``chunks`` may be DDP-wrapped or plain modules (then gradients land in ``param.grad`` as token
+    sums, un-normalised, when ``config.calculate_per_token_loss`` is set).
+    """
+    seq_length = micro_batches[0].tokens.shape[1]
+    mbs = micro_batches[0].tokens.shape[0]
+    vpp = len(chunks)
+    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators,
+        model=list(chunks) if vpp > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def reduce_loss_reports(reports: list[dict]) -> float | None:
+    """Mean token loss over the global batch (DP all-reduced); None off the last pipeline stage."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
+    dp = parallel_state.get_data_parallel_group()
+    if dp.size() > 1:
+        torch.distributed.all_reduce(total, group=dp)
+    return float(total[0] / total[1].clamp(min=1))
+
+
 def lm_forward_backward(
-    chunks: Sequence[torch.nn.Module],
+    chunks: Sequence[DistributedDataParallel],
     micro_batches: Sequence[Batch],
     *,
     forward_only: bool = False,
@@ -137,27 +179,7 @@ def lm_forward_backward(
     Returns:
         The mean token loss over the global batch on the last pipeline stage, else None.
     """
-    seq_length = micro_batches[0].tokens.shape[1]
-    mbs = micro_batches[0].tokens.shape[0]
-    vpp = len(chunks)
-    iterators: list[Iterator[Batch]] | Iterator[Batch]
-    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
     if not forward_only:
         for c in chunks:
             c.zero_grad_buffer()
-    reports = get_forward_backward_func()(
-        forward_step_func=_forward_step,
-        data_iterator=iterators,
-        model=list(chunks) if vpp > 1 else chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=mbs,
-        forward_only=forward_only,
-    )
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
-    dp = parallel_state.get_data_parallel_group()
-    if dp.size() > 1:
-        torch.distributed.all_reduce(total, group=dp)
-    return float(total[0] / total[1].clamp(min=1))
+    return reduce_loss_reports(run_schedule(chunks, micro_batches, forward_only=forward_only))

@@ -191,7 +191,7 @@ def test_output_bias_contract_matches_the_base_layer(kind, skip_bias_add):
     layer = make_layer(kind, bias=True, skip_bias_add=skip_bias_add)
     x = layer_input(layer)
     out, bias = layer(x)
-    base_out, base_bias = layer.base_layer(x)
+    _, base_bias = layer.base_layer(x)
     expected, _ = reference(layer, x, add_bias=not skip_bias_add)
     torch.testing.assert_close(out, expected)
     if skip_bias_add:  # bias handed back, not added, exactly as the base does
@@ -238,7 +238,9 @@ _TRACKER_STREAM = {("column", "pre"): False, ("column", "post"): True, ("row", "
 @pytest.mark.parametrize("position", ["pre", "post"])
 def test_dropout_is_off_in_eval_and_a_reproducible_mask_in_train(kind, position):
     p = 0.5
-    layer = make_layer(kind, LoRAConfig(**{**vars(LORA), "dropout": p, "dropout_position": position}))
+    layer = make_layer(
+        kind, LoRAConfig(**{**vars(LORA), "dropout": p, "dropout_position": position})
+    )
     x = layer_input(layer)
     plain, _ = reference(layer, x)
 

@@ -184,7 +184,9 @@ def test_module_decision_validation():
     with pytest.raises(ValueError, match=r"mode must be one of \('fft', 'lora', 'frozen'\)"):
         ModuleDecision("full")
     for mode in ("fft", "frozen"):
-        with pytest.raises(ValueError, match=rf"rank is only meaningful for mode 'lora', not '{mode}'"):
+        with pytest.raises(
+            ValueError, match=rf"rank is only meaningful for mode 'lora', not '{mode}'"
+        ):
             ModuleDecision(mode, rank=4)
     assert ModuleDecision("lora", 4).rank == 4
     assert ModuleDecision("lora").rank is None

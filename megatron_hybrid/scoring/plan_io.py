@@ -1,0 +1,163 @@
+"""The plan artifact: a versioned JSON file written by ``megatron-hybrid score``.
+
+It records what was scored and how (model fingerprint, budget, score method, solver, calibration)
+and, per candidate module, its global name, kind, full shape, parameters, scores, decision and
+LoRA rank. :meth:`PlanArtifact.to_hybrid_plan` turns it into the :class:`HybridPlan` that
+:func:`~megatron_hybrid.peft.apply.apply_hybrid_plan` applies at any TP/PP layout.
+Files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_hybrid.models.config import ModelConfig
+from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
+
+__all__ = ["SCHEMA_VERSION", "ModuleEntry", "PlanArtifact", "model_fingerprint", "load_plan", "save_plan"]
+
+SCHEMA_VERSION = 1
+
+_FINGERPRINT_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "swiglu",
+    "add_bias_linear",
+    "add_qkv_bias",
+)
+
+
+def model_fingerprint(model: ModelConfig) -> dict:
+    """Architecture facts a plan depends on (layout-independent)."""
+    d = {k: getattr(model, k) for k in _FINGERPRINT_KEYS}
+    d["num_query_groups"] = model.kv_heads
+    return d
+
+
+@dataclass
+class ModuleEntry:
+    """One candidate module in the plan."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    """Full (unsharded) weight shape [out, in]."""
+    params: int
+    scores: dict[str, float]
+    decision: str
+    """``fft`` or ``lora`` (or ``frozen``)."""
+    rank: int | None = None
+
+
+@dataclass
+class PlanArtifact:
+    model: dict
+    budget: dict
+    score: dict
+    calibration: dict
+    lora: dict
+    modules: list[ModuleEntry]
+    seed: int = 0
+    schema_version: int = SCHEMA_VERSION
+    created_by: str = field(default_factory=lambda: f"megatron-hybrid {_version()}")
+
+    def fft_names(self) -> list[str]:
+        return sorted(m.name for m in self.modules if m.decision == "fft")
+
+    def to_hybrid_plan(self) -> HybridPlan:
+        decisions = {}
+        for m in self.modules:
+            if m.decision == "lora":
+                decisions[m.name] = ModuleDecision("lora", m.rank)
+            elif m.decision == "fft":
+                decisions[m.name] = ModuleDecision("fft")
+        return HybridPlan(modules=decisions, lora=LoRAConfig.from_dict(self.lora), seed=self.seed)
+
+    def check_model(self, model: ModelConfig, source: str = "plan") -> None:
+        """Raise ValueError naming every architecture field that differs from ``model``."""
+        want = model_fingerprint(model)
+        diffs = [f"{k}: plan has {self.model.get(k)!r}, model has {v!r}" for k, v in want.items() if self.model.get(k) != v]
+        if diffs:
+            raise ValueError(f"{source} was made for another architecture: " + "; ".join(diffs))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        order = ["schema_version", "created_by", "model", "budget", "score", "calibration", "lora", "seed", "modules"]
+        return {k: d[k] for k in order}
+
+
+def _version() -> str:
+    from megatron_hybrid import __version__
+
+    return __version__
+
+
+def save_plan(artifact: PlanArtifact, path: str | Path) -> Path:
+    """Write the plan atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(artifact.to_dict(), f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_plan(path: str | Path) -> PlanArtifact:
+    """Read and validate a plan file; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan file {path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"plan file {path}: top level must be an object")
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"plan file {path} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
+    required = ("model", "budget", "score", "calibration", "lora", "modules")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"plan file {path} lacks keys {missing}")
+    modules = []
+    for i, m in enumerate(d["modules"]):
+        try:
+            entry = ModuleEntry(**m)
+        except TypeError as e:
+            raise ValueError(f"plan file {path}: modules[{i}]: {e}") from None
+        if entry.decision not in ("fft", "lora", "frozen"):
+            raise ValueError(f"plan file {path}: modules[{i}] ({entry.name}): unknown decision {entry.decision!r}")
+        modules.append(entry)
+    try:
+        LoRAConfig.from_dict(d["lora"])
+    except ValueError as e:
+        raise ValueError(f"plan file {path}: lora: {e}") from None
+    return PlanArtifact(
+        model=d["model"],
+        budget=d["budget"],
+        score=d["score"],
+        calibration=d["calibration"],
+        lora=d["lora"],
+        modules=modules,
+        seed=int(d.get("seed", 0)),
+        schema_version=version,
+        created_by=d.get("created_by", "unknown"),
+    )

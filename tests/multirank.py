@@ -1,0 +1,136 @@
+"""Run a worker script on several gloo ranks with ``torchrun`` from a test.
+
+Multi-rank tests keep their distributed code in ``tests/workers/<name>.py`` and launch it with::
+
+    proc = launch(worker_path("model_equivalence"), 2, "--tp", "2", "--out", str(out))
+
+Every rank is a fresh interpreter (``torch.distributed.run`` uses the ``spawn`` start method), so
+workers can build their own process groups without disturbing the pytest process. Workers find
+``megatron_hybrid`` and the ``tests`` package through ``PYTHONPATH`` (the repository root is put
+first). A nonzero exit or a timeout raises ``AssertionError`` carrying the tail of the output of all
+ranks, so a failing rank's traceback shows up in the pytest report.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "WORKERS_DIR", "free_port", "launch", "worker_path"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKERS_DIR = Path(__file__).resolve().parent / "workers"
+
+_TAIL_CHARS = 20_000
+# Set by a one-rank runtime in the calling process (initialize_runtime without torchrun); torchrun
+# must choose them for its ranks.
+_RENDEZVOUS_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``--master_port``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_path(name: str) -> Path:
+    """Path of the worker script ``tests/workers/<name>.py`` (which must exist)."""
+    path = WORKERS_DIR / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no worker script {path}")
+    return path
+
+
+def _tail(text: str) -> str:
+    if len(text) <= _TAIL_CHARS:
+        return text
+    return f"[... {len(text) - _TAIL_CHARS} characters cut ...]\n" + text[-_TAIL_CHARS:]
+
+
+def _report(what: str, cmd: list[str], stdout: str, stderr: str) -> str:
+    return (
+        f"{what}\ncommand: {' '.join(cmd)}\n"
+        f"----- stdout (tail) -----\n{_tail(stdout)}\n"
+        f"----- stderr (tail) -----\n{_tail(stderr)}"
+    )
+
+
+def launch(
+    script: str | Path,
+    nproc: int,
+    *args: str,
+    timeout: int = 600,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` local ranks with ``torchrun`` and wait for it.
+
+    Args:
+        script: the worker script (see :func:`worker_path`).
+        nproc: number of ranks (``--nproc_per_node``).
+        *args: command-line arguments passed to every rank.
+        timeout: seconds before the whole launch (torchrun and its ranks) is killed.
+        env: extra environment variables for the ranks (added to a copy of ``os.environ``).
+
+    Returns:
+        The finished process (``returncode`` 0) with ``stdout`` / ``stderr`` as text.
+
+    Raises:
+        AssertionError: on a nonzero exit or a timeout, with the command and the output tails.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
+    run_env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    run_env["OMP_NUM_THREADS"] = "1"
+    run_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    if env:
+        run_env.update(env)
+    # A session of its own so that a timeout can end torchrun together with its ranks.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            _report(f"{script} on {nproc} ranks timed out after {timeout} s", cmd, stdout, stderr)
+        ) from None
+    if proc.returncode != 0:
+        raise AssertionError(
+            _report(f"{script} on {nproc} ranks exited with {proc.returncode}", cmd, stdout, stderr)
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
