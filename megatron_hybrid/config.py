@@ -7,6 +7,7 @@ full dotted key and list the valid ones; values are validated by each dataclass'
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,26 @@ __all__ = ["from_dict", "load_config", "parse_overrides", "to_dict"]
 T = TypeVar("T")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (exponent, no dot) as a float, as YAML 1.2 does."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _is_optional(tp: Any) -> bool:
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return union and type(None) in typing.get_args(tp)
+
+
 def _dataclass_type(tp: Any) -> type | None:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return tp
@@ -29,9 +50,20 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
-def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, recursing into dataclass-typed fields."""
-    data = dict(data or {})
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into dataclass-typed fields.
+
+    Keys absent from ``data`` keep the values of ``base`` (default: ``cls``'s field defaults); a
+    nested section starts from the parent's default for that field, so a section overrides only
+    the keys it names.
+    """
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -42,16 +74,23 @@ def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
         if key not in fields:
             raise ValueError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}")
         sub = _dataclass_type(hints[key])
-        if sub is not None and isinstance(value, dict):
-            custom = getattr(sub, "from_dict", None)
-            try:
-                kwargs[key] = custom(value) if custom is not None else from_dict(sub, value, full)
-            except ValueError as e:
-                raise ValueError(f"{full}: {e}") from None
-        else:
+        if sub is None or isinstance(value, sub) or (value is None and _is_optional(hints[key])):
             kwargs[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{full}: expected a mapping, got {type(value).__name__} {value!r}")
+        default = getattr(base, key) if base is not None else _field_default(fields[key])
+        default = default if isinstance(default, sub) else None
+        custom = getattr(sub, "from_dict", None)
+        if custom is None:
+            kwargs[key] = from_dict(sub, value, full, default)
+            continue
+        try:
+            kwargs[key] = custom(value) if default is None else custom(value, base=default)
+        except ValueError as e:
+            raise ValueError(f"{full}: {e}") from None
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path + ': ' if path else ''}{e}") from None
 
@@ -74,7 +113,12 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {p!r}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = _load_yaml(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML (quote it): {e}"
+            ) from None
     return out
 
 
@@ -93,7 +137,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

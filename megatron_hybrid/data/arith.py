@@ -63,6 +63,9 @@ class ArithTask:
             raise ValueError(f"task.op must be one of '+', '-', '*', got {self.op!r}")
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+        b_max = self.b_max
+        if b_max is not None and (type(b_max) is not int or b_max < 0):
+            raise ValueError(f"task.b_max must be a non-negative integer or null, got {b_max!r}")
 
     def sample(self, n: int, gen: torch.Generator) -> list[tuple[str, str]]:
         """``n`` (prompt, answer) pairs."""

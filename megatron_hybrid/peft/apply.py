@@ -106,10 +106,25 @@ def _default_groups(tp_group, pp_group, mp_group):
     return tp_group, pp_group, mp_group
 
 
-def _validate(plan: HybridPlan, local: dict[str, ModuleRef], global_names: list[str]) -> None:
+def _validate(
+    plan: HybridPlan,
+    local: dict[str, ModuleRef],
+    global_names: list[str],
+    local_modules: dict[str, torch.nn.Module],
+) -> None:
     known = set(global_names)
-    problems: list[str] = []
+    problems: list[str] = [
+        f"{name}: already wrapped with LoRA (a plan can be applied only once)"
+        for name, ref in sorted(local.items())
+        if isinstance(ref.module, LoRAParallelLinear) and name not in plan.modules
+    ]
     for name, decision in sorted(plan.modules.items()):
+        if name not in known and name in local_modules:
+            problems.append(
+                f"{name}: is a {type(local_modules[name]).__name__}, not a parallel linear; hybrid "
+                "plans adapt or fully fine-tune only column/row-parallel linear modules"
+            )
+            continue
         if name not in known:
             problems.append(
                 f"{name}: the model has no such parallel linear module; closest: {closest_names(name, known)}"
@@ -133,8 +148,9 @@ def _validate(plan: HybridPlan, local: dict[str, ModuleRef], global_names: list[
             out_local, in_local = module.weight.shape
             tp = module.tp_group.size() if getattr(module, "tp_group", None) is not None else 1
             full_in, full_out = (in_local, out_local * tp) if mode == "column" else (in_local * tp, out_local)
+            rank = plan.lora.rank if decision.rank is None else decision.rank
             try:
-                validate_rank(name, plan.lora_config_for(name).rank, full_in, full_out)
+                validate_rank(name, rank, full_in, full_out)
             except ValueError as e:
                 problems.append(str(e))
     if problems:
@@ -179,7 +195,8 @@ def apply_hybrid_plan(
             )
     tp_group, pp_group, mp_group = _default_groups(tp_group, pp_group, mp_group)
     local = _linear_refs(chunks)
-    _validate(plan, local, _gather_names(list(local), pp_group))
+    local_modules = {r.name: r.module for r in walk_modules(chunks)}
+    _validate(plan, local, _gather_names(list(local), pp_group), local_modules)
 
     for chunk in chunks:
         for p in chunk.parameters():

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["LoRAConfig", "A_INITS", "B_INITS", "DROPOUT_POSITIONS"]
 
 A_INITS = ("kaiming", "gaussian", "xavier", "zero")
 B_INITS = ("zero", "gaussian", "kaiming", "xavier")
 DROPOUT_POSITIONS = ("pre", "post")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -41,9 +45,9 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if not _is_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if self.dropout_position not in DROPOUT_POSITIONS:
             raise ValueError(
@@ -55,7 +59,8 @@ class LoRAConfig:
             raise ValueError(f"lora.b_init must be one of {B_INITS}, got {self.b_init!r}")
         if self.a_init == "zero" and self.b_init == "zero":
             raise ValueError("lora.a_init and lora.b_init cannot both be 'zero': no gradient would flow")
-        if self.init_std is not None and self.init_std <= 0:
+        std = self.init_std
+        if std is not None and (not _is_number(std) or std <= 0):
             raise ValueError(f"lora.init_std must be > 0, got {self.init_std!r}")
 
     @property
@@ -64,8 +69,9 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     @classmethod
-    def from_dict(cls, d: dict) -> LoRAConfig:
-        """Build from a mapping; accepts NeMo (``dim``) and PEFT (``r``, ``lora_alpha``, ``lora_dropout``) keys."""
+    def from_dict(cls, d: dict, base: LoRAConfig | None = None) -> LoRAConfig:
+        """Build from a mapping; accepts NeMo (``dim``) and PEFT (``r``, ``lora_alpha``,
+        ``lora_dropout``) keys. Keys not in ``d`` come from ``base`` (default: class defaults)."""
         aliases = {"dim": "rank", "r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
         out: dict = {}
         for key, value in d.items():
@@ -76,7 +82,7 @@ class LoRAConfig:
             if name in out:
                 raise ValueError(f"lora key {key!r} given twice (as {name!r})")
             out[name] = value
-        return cls(**out)
+        return replace(base, **out) if base is not None else cls(**out)
 
     def with_rank(self, rank: int) -> LoRAConfig:
         """A copy with another rank, keeping alpha (so the scaling follows the rank)."""

@@ -56,7 +56,10 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from megatron_hybrid.peft.config import LoRAConfig
 
@@ -243,7 +246,7 @@ class LoRAParallelLinear(torch.nn.Module):
         ``<prefix>lora_A`` / ``<prefix>lora_B`` sharded like the base's matching dimension."""
         if self.merged:
             raise RuntimeError(f"{self.name}: unmerge before saving a checkpoint")
-        metadata = metadata or {}
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         sd = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
         adapters = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         sharded = make_sharded_tensors_for_checkpoint(
@@ -391,6 +394,9 @@ def iter_lora_modules(chunks: Iterable[torch.nn.Module]) -> Iterator[LoRAParalle
 def adapters_disabled(chunks: Iterable[torch.nn.Module]):
     """Run the base model: every LoRA adapter is bypassed inside the block (FFT weights stay)."""
     modules = list(iter_lora_modules(chunks))
+    merged = [m.name for m in modules if m.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable merged adapters ({', '.join(merged)}); unmerge first")
     previous = [m.adapters_enabled for m in modules]
     for m in modules:
         m.adapters_enabled = False

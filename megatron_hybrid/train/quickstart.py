@@ -22,6 +22,7 @@ from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import PlanSummary, apply_hybrid_plan, all_linear_names
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import PeftSpec
+from megatron_hybrid.scoring.plan_io import load_plan
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
 from megatron_hybrid.train.step import Batch, OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
 
@@ -75,6 +76,8 @@ class QuickstartConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
     task: ArithTask = field(default_factory=ArithTask)
     run: RunConfig = field(default_factory=RunConfig)
+    plan_file: str | None = None
+    """A plan JSON from ``megatron-hybrid score``; when set it replaces the ``peft`` globs."""
 
 
 def global_batch_shard(batch: Batch, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[Batch]:
@@ -110,7 +113,13 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
     initialize_runtime(cfg.parallel, seed=cfg.run.seed)
     try:
         chunks = build_model(cfg.model, cfg.parallel)
-        plan = cfg.peft.resolve(all_linear_names(chunks, parallel_state.get_pipeline_model_parallel_group()))
+        if cfg.plan_file:
+            artifact = load_plan(cfg.plan_file)
+            artifact.check_model(cfg.model, source=f"plan file {cfg.plan_file}")
+            plan = artifact.to_hybrid_plan()
+        else:
+            names = all_linear_names(chunks, parallel_state.get_pipeline_model_parallel_group())
+            plan = cfg.peft.resolve(names)
         summary: PlanSummary = apply_hybrid_plan(chunks, plan)
         ddp = wrap_ddp(chunks)
         optimizer = build_optimizer(ddp, cfg.optim)

@@ -79,7 +79,6 @@ def test_task_validation(kwargs, match):
         ArithTask(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a negative b_max is accepted and fails in sample()")
 def test_negative_b_max_is_rejected():
     with pytest.raises(ValueError, match=r"task\.b_max"):
         ArithTask(b_max=-1)

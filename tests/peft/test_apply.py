@@ -246,9 +246,6 @@ def test_disabled_adapters_keep_the_trained_fft_weights():
         assert not torch.allclose(logits(chunks), base_logits, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: adapters_disabled does not bypass adapters that are merged"
-)
 def test_disabling_merged_adapters_is_refused():
     chunks = build()
     apply_hybrid_plan(chunks, lora_only_plan(chunks))
@@ -320,9 +317,6 @@ def test_bad_plan_raises_before_anything_changes(case):
     assert not list(iter_lora_modules(chunks))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: a rank-0 decision is reported without the module's name"
-)
 def test_rank_zero_raises_naming_the_module_before_anything_changes():
     chunks = build()
     before = state(chunks)
@@ -351,11 +345,6 @@ def test_applying_a_plan_twice_raises_and_changes_nothing():
     assert state(chunks) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a second plan that names no wrapped module silently refreezes the first "
-    "plan's adapters",
-)
 def test_applying_another_plan_after_a_lora_plan_raises():
     chunks = build()
     apply_hybrid_plan(chunks, _plan(_GOOD))
@@ -469,10 +458,6 @@ def test_sharded_state_dict_refuses_a_merged_model():
         chunks[0].sharded_state_dict()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a direct call without metadata raises KeyError 'dp_cp_group' in the base layer",
-)
 def test_wrapper_sharded_state_dict_works_without_metadata():
     chunks = build()
     apply_hybrid_plan(chunks, lora_only_plan(chunks))

@@ -33,10 +33,6 @@ def test_bad_field_raises_value_error_naming_the_field(field, value):
         LoRAConfig(**{field: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: non-numeric dropout/init_std raise TypeError from a comparison, not ValueError",
-)
 @pytest.mark.parametrize(("field", "value"), [("dropout", "0.1"), ("init_std", "1e-3")])
 def test_non_numeric_float_field_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"lora\.{field}\b"):
