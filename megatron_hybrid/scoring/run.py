@@ -58,8 +58,11 @@ class ScoreConfig:
     score that beat random selection in the prototype (docs/method.md)."""
     rank: int | None = None
     """r in the residual (energy beyond the top-r singular values); None = the LoRA rank."""
-    solver: str = "exact"
-    """``exact`` (d x d Gram all-reduced, eigvalsh) or ``randomized`` (subspace iteration)."""
+    solver: str = "auto"
+    """``exact`` (d x d Gram all-reduced, eigvalsh), ``randomized`` (subspace iteration, O(d q)
+    communication per product) or ``auto``: exact when d <= 1024 or when the float64 Gram is no
+    larger than gathering the matrix would be, randomized otherwise (d is the Gram side: ``in`` for
+    column-parallel, ``out`` for row-parallel modules; for Megatron's candidates d = hidden size)."""
     num_batches: int = 8
     """K calibration steps for gradient scores (each a global batch of micro-batches)."""
     objective: str = "nll"
@@ -78,8 +81,8 @@ class ScoreConfig:
             self.probe = ProbeConfig(**self.probe)
         if self.method not in SCORE_METHODS:
             raise ValueError(f"score.method must be one of {', '.join(SCORE_METHODS)}; got {self.method!r}")
-        if self.solver not in ("exact", "randomized"):
-            raise ValueError(f"score.solver must be 'exact' or 'randomized', got {self.solver!r}")
+        if self.solver not in ("auto", "exact", "randomized"):
+            raise ValueError(f"score.solver must be 'auto', 'exact' or 'randomized', got {self.solver!r}")
         if not isinstance(self.num_batches, int) or self.num_batches < 1:
             raise ValueError(f"score.num_batches (K) must be an integer >= 1, got {self.num_batches!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
@@ -116,6 +119,16 @@ def local_candidates(chunks: Sequence[torch.nn.Module]) -> list[ModuleRef]:
         if module_kind(r.name) in CANDIDATE_KINDS and parallel_mode_of(getattr(r.module, "base_layer", r.module))
     ]
     return sorted(refs, key=lambda r: r.name)
+
+
+def pick_solver(solver: str, mode: str, full_shape: tuple[int, int], element_size: int) -> str:
+    """Resolve ``auto`` for one module (see :attr:`ScoreConfig.solver`)."""
+    if solver != "auto":
+        return solver
+    d = full_shape[1] if mode == "column" else full_shape[0]
+    gram_bytes = 8 * d * d
+    gather_bytes = full_shape[0] * full_shape[1] * element_size
+    return "exact" if d <= 1024 or gram_bytes <= gather_bytes else "randomized"
 
 
 def _full_shape(module: torch.nn.Module, mode: str, tp: int) -> tuple[int, int]:
@@ -160,9 +173,11 @@ def score_modules(
 
     def spectrum(mat: torch.Tensor, ref: ModuleRef) -> SpectralStats:
         mode = parallel_mode_of(getattr(ref.module, "base_layer", ref.module))
-        k = min(r, *local[ref.name].shape)
+        shape = local[ref.name].shape
+        k = min(r, *shape)
         stats, _ = sharded_spectral_stats(
-            mat, mode, tp_group, k, solver=cfg.solver, oversample=cfg.oversample, iters=cfg.iters, seed=cfg.seed
+            mat, mode, tp_group, k, solver=pick_solver(cfg.solver, mode, shape, mat.element_size()),
+            oversample=cfg.oversample, iters=cfg.iters, seed=cfg.seed,
         )
         return stats
 

@@ -127,9 +127,12 @@ def randomized_top_singular_values(
     return _top_k_sqrt(torch.linalg.eigvalsh(T), k)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SpectralStats:
-    """What every spectral score needs to know about one module's matrix G."""
+    """What every spectral score needs to know about one module's matrix G.
+
+    Compared by identity (``eq=False``): ``==`` on a tensor field would not give a bool.
+    """
 
     frobenius_sq: float
     """||G||_F^2 (the sum of all squared singular values, not just the top ones)."""
