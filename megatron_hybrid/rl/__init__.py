@@ -1,0 +1,1 @@
+"""RL post-training math: policy losses, group advantages, verifiable rewards."""
