@@ -42,6 +42,19 @@ def _plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.demo.config import DemoConfig, quick_overrides
+    from megatron_hybrid.demo.runner import run_demo
+
+    overrides = (quick_overrides() if args.quick else []) + list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(DemoConfig, args.config, overrides)
+    run_demo(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="plan file to write (default: plan.json)")
     score.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. score.method=residual")
     score.set_defaults(func=_score)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded benchmark: FFT vs LoRA vs Hybrid-LoRA (SFT and GRPO stages, several seeds)",
+    )
+    demo.add_argument("--config", help="YAML file of overrides (see examples/demo.yaml)")
+    demo.add_argument("--quick", action="store_true", help="a few-minute smoke-test preset (1 seed, short stages)")
+    demo.add_argument("--out", help="output directory (default runs/demo)")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0,1,2]")
+    demo.set_defaults(func=_demo)
 
     plan = sub.add_parser("plan", help="inspect plan files")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)

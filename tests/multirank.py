@@ -13,6 +13,7 @@ ranks, so a failing rank's traceback shows up in the pytest report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+import psutil
 
 __all__ = ["REPO_ROOT", "WORKERS_DIR", "free_port", "launch", "worker_path"]
 
@@ -53,6 +56,21 @@ def worker_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no worker script {path}")
     return path
+
+
+def _terminate_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End torchrun and its ranks (which may sit in process groups of their own)."""
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to its ranks
+    _, alive = psutil.wait_procs(ranks, timeout=grace)
+    for rank in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _tail(text: str) -> str:
@@ -111,7 +129,7 @@ def launch(
     )
     if env:
         run_env.update(env)
-    # A session of its own so that a timeout can end torchrun together with its ranks.
+    # A session of its own so that a timeout can end whatever torchrun started.
     proc = subprocess.Popen(
         cmd,
         cwd=REPO_ROOT,
@@ -124,7 +142,7 @@ def launch(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _terminate_tree(proc)
         stdout, stderr = proc.communicate()
         raise AssertionError(
             _report(f"{script} on {nproc} ranks timed out after {timeout} s", cmd, stdout, stderr)

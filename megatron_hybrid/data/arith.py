@@ -57,6 +57,8 @@ class ArithTask:
     max_digits: int = 3
     b_max: int | None = None
     """Upper bound of ``b`` (None: same digit range as ``a``)."""
+    b_min: int = 0
+    """Lower bound of ``b`` when ``b_max`` is set."""
 
     def __post_init__(self) -> None:
         if self.op not in "+-*" or len(self.op) != 1:
@@ -66,18 +68,37 @@ class ArithTask:
         b_max = self.b_max
         if b_max is not None and (type(b_max) is not int or b_max < 0):
             raise ValueError(f"task.b_max must be a non-negative integer or null, got {b_max!r}")
+        if b_max is not None and not 0 <= self.b_min <= b_max:
+            raise ValueError(f"task.b_min must be in [0, b_max], got {self.b_min!r}")
+
+    def _b_range(self) -> tuple[int, int]:
+        if self.b_max is None:
+            return 10 ** (self.min_digits - 1), 10**self.max_digits - 1
+        return self.b_min, self.b_max
+
+    def space_size(self) -> int:
+        """Number of distinct problems."""
+        lo, hi = 10 ** (self.min_digits - 1), 10**self.max_digits - 1
+        b_lo, b_hi = self._b_range()
+        return (hi - lo + 1) * (b_hi - b_lo + 1)
+
+    def format(self, a: int, b: int) -> tuple[str, str]:
+        value = a + b if self.op == "+" else a - b if self.op == "-" else a * b
+        return f"{a}{self.op}{b}=", str(value)
+
+    def enumerate_all(self) -> list[tuple[str, str]]:
+        """Every problem, in a fixed order (for small spaces that are split into train/val/test)."""
+        lo, hi = 10 ** (self.min_digits - 1), 10**self.max_digits - 1
+        b_lo, b_hi = self._b_range()
+        return [self.format(a, b) for a in range(lo, hi + 1) for b in range(b_lo, b_hi + 1)]
 
     def sample(self, n: int, gen: torch.Generator) -> list[tuple[str, str]]:
         """``n`` (prompt, answer) pairs."""
         lo, hi = 10 ** (self.min_digits - 1), 10**self.max_digits
         a = torch.randint(lo, hi, (n,), generator=gen).tolist()
-        b_hi = (self.b_max + 1) if self.b_max is not None else hi
-        b = torch.randint(lo if self.b_max is None else 0, b_hi, (n,), generator=gen).tolist()
-        out = []
-        for x, y in zip(a, b):
-            value = x + y if self.op == "+" else x - y if self.op == "-" else x * y
-            out.append((f"{x}{self.op}{y}=", str(value)))
-        return out
+        b_lo, b_hi = self._b_range()
+        b = torch.randint(b_lo, b_hi + 1, (n,), generator=gen).tolist()
+        return [self.format(x, y) for x, y in zip(a, b)]
 
 
 def make_sft_batch(pairs: list[tuple[str, str]], tok: CharTokenizer, seq_length: int) -> Batch:

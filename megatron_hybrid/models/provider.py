@@ -62,6 +62,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
             f"model.ffn_hidden_size ({model.ffn_hidden_size}) must be divisible by "
             f"parallel.tensor_model_parallel_size ({tp})"
         )
+    if (
+        not torch.cuda.is_available()
+        and not model.untie_embeddings_and_output_weights
+        and parallel.pipeline_model_parallel_size > 1
+    ):
+        raise ValueError(
+            "tied embeddings (model.untie_embeddings_and_output_weights: false) with "
+            "pipeline_model_parallel_size > 1 need CUDA (Megatron's setup_embeddings_and_output_layer "
+            "calls weight.data.cuda())"
+        )
     dtype = _DTYPES[model.params_dtype]
     use_te = model.transformer_impl == "transformer_engine"
     if use_te and not HAVE_TE:

@@ -184,6 +184,11 @@ class LoRAParallelLinear(torch.nn.Module):
         w = self.base_layer.weight
         return torch.nn.Parameter(t.to(device=w.device, dtype=w.dtype).contiguous())
 
+    def _tag_adapters(self) -> None:
+        # Lets optimizers give adapters their own learning rate (Megatron ParamKey(attr=...)).
+        self.lora_A.is_lora_adapter = True
+        self.lora_B.is_lora_adapter = True
+
     @property
     def weight(self) -> torch.Tensor:
         """The base weight (so code that reads ``module.weight`` keeps working)."""
@@ -299,6 +304,7 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
         set_tensor_model_parallel_attributes(self.lora_B, True, 0, 1)
         self.lora_A.sequence_parallel = self.sequence_parallel
         self.lora_B.sequence_parallel = False
+        self._tag_adapters()
 
     def _adapter_axis_map(self) -> dict[str, int]:
         return {"lora_B": 0}
@@ -358,6 +364,7 @@ class LoRARowParallelLinear(LoRAParallelLinear):
         set_tensor_model_parallel_attributes(self.lora_A, True, 1, 1)
         self.lora_A.sequence_parallel = False
         self.lora_B.sequence_parallel = self.sequence_parallel
+        self._tag_adapters()
 
     def _adapter_axis_map(self) -> dict[str, int]:
         return {"lora_A": 1}

@@ -67,11 +67,11 @@ PATCHES: tuple[PatchInfo, ...] = (
     ),
     PatchInfo(
         "megatron.core.transformer.attention",
-        "inference KV buffers allocated on torch.cuda.current_device()",
+        "inference KV-cache buffers allocated on torch.cuda.current_device() (inference only)",
     ),
     PatchInfo(
         "megatron.core.transformer.dot_product_attention",
-        "attention-mask / ALiBi buffers on torch.cuda.current_device()",
+        "softmax_offset buffer (softmax_type off-by-one / learnable) on torch.cuda.current_device()",
     ),
     PatchInfo(
         "megatron.core.models.common.embeddings.rotary_pos_embedding",
@@ -79,7 +79,7 @@ PATCHES: tuple[PatchInfo, ...] = (
     ),
     PatchInfo(
         "megatron.core.transformer.utils",
-        'default causal mask built with torch.ones(..., device="cuda")',
+        'default causal and sliding-window masks built with torch.ones(..., device="cuda")',
     ),
     PatchInfo(
         "megatron.core.utils",
@@ -91,7 +91,7 @@ PATCHES: tuple[PatchInfo, ...] = (
     ),
     PatchInfo(
         "megatron.core.distributed.distributed_data_parallel",
-        "torch.cuda.synchronize()/Stream around grad-buffer (de)allocation",
+        "torch.cuda.synchronize()/Stream in offload_grad_buffers / restore_grad_buffers",
     ),
     PatchInfo(
         "megatron.core.optimizer.optimizer",
@@ -103,11 +103,15 @@ PATCHES: tuple[PatchInfo, ...] = (
     ),
     PatchInfo(
         "megatron.core.optimizer.grad_scaler",
-        "loss-scale tensors created with device='cuda' (fp16 only)",
+        "loss-scale tensors created with device='cuda' (fp16 only; resuming fp16 on CPU is unsupported)",
     ),
     PatchInfo(
         "megatron.core.dist_checkpointing.strategies.filesystem_async",
         "torch.cuda.synchronize() / current_device() in the async checkpoint writer",
+    ),
+    PatchInfo(
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+        "save finalisation all-reduces a failure flag created on torch.cuda.current_device()",
     ),
 )
 
@@ -252,5 +256,8 @@ def apply_cpu_compat_patches() -> bool:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute saves/restores the CUDA generator beside the CPU one; there is none here.
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *a, **k: None
     _APPLIED = True
     return True

@@ -9,7 +9,6 @@ compatibility patches of :mod:`megatron_hybrid.runtime.cpu_compat` are applied f
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -67,12 +66,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Bring up the process group and Megatron's model-parallel groups, then seed RNGs.
 
@@ -85,14 +78,16 @@ def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not cuda:
         apply_cpu_compat_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = parallel.backend or ("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=parallel.timeout_minutes))
+        timeout = timedelta(minutes=parallel.timeout_minutes)
+        if "RANK" in os.environ:  # torchrun
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # One process: an in-memory store, and no RANK/MASTER_* written to os.environ (child
+            # processes would inherit them and collide on the port).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel:

@@ -154,7 +154,21 @@ class ProbeConfig:
             raise ValueError(f"score.probe.lr must be > 0, got {self.lr!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"score.probe.group_size must be a positive integer or null, got {self.group_size!r}")
-        self.betas = tuple(self.betas)
+        betas = self.betas
+        pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+        if not pair or not all(_in_unit(b) for b in betas):
+            raise ValueError(f"score.probe.betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = tuple(betas)
+        # eps > 0 (not just >= 0 as AdamW allows): EPD divides by sqrt(v) + eps, and v is 0 where
+        # a gradient entry is always 0.
+        if not self.eps > 0:
+            raise ValueError(f"score.probe.eps must be > 0, got {self.eps!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"score.probe.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+def _in_unit(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1
 
 
 @dataclass

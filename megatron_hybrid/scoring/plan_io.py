@@ -107,6 +107,8 @@ def save_plan(artifact: PlanArtifact, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give the plan the mode an ordinary open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(artifact.to_dict(), f, indent=1)
             f.write("\n")
@@ -119,6 +121,12 @@ def save_plan(artifact: PlanArtifact, path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_plan(path: str | Path) -> PlanArtifact:
     """Read and validate a plan file; errors name the file and what is wrong."""
     path = Path(path)
@@ -126,7 +134,7 @@ def load_plan(path: str | Path) -> PlanArtifact:
         raise FileNotFoundError(f"plan file {path} does not exist")
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"plan file {path}: top level must be an object")

@@ -237,5 +237,5 @@ def plan_entries(table: Sequence[ModuleScore], fft: Sequence[str], lora_rank: in
 
 
 def describe(cfg: ScoreConfig) -> dict:
-    """The ``score`` section of the plan artifact."""
-    return asdict(cfg)
+    """The ``score`` section of the plan artifact, as JSON reads it back (tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))

@@ -17,6 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from megatron_hybrid.peft.plan import match_pattern
 
@@ -56,6 +57,15 @@ class SelectionConfig:
             raise ValueError(f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}")
         if self.max_per_layer is not None and (not isinstance(self.max_per_layer, int) or self.max_per_layer < 1):
             raise ValueError(f"select.max_per_layer must be a positive integer or null, got {self.max_per_layer!r}")
+        for key in ("always_fft", "never_fft"):
+            value = getattr(self, key)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"select.{key} must be a list of strings, got {value!r}")
+
+
+def _fraction_of(budget: float, total: int) -> Fraction:
+    """budget x total, exact for the budget as written: 0.29 x 100 is 29 (in floats, 28.99...)."""
+    return Fraction(repr(budget)) * total
 
 
 def _layer(name: str) -> str | None:
@@ -106,7 +116,7 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
             raise ValueError(f"select.always_fft exceeds max_per_layer={cfg.max_per_layer} in layers {sorted(over)}")
 
     if cfg.budget_unit == "modules":
-        k = max(1, math.ceil(cfg.budget * len(cands) - 1e-9))
+        k = max(1, math.ceil(_fraction_of(cfg.budget, len(cands))))
         if len(forced) > k:
             raise ValueError(f"select.always_fft names {len(forced)} modules but the budget allows {k}")
         chosen = list(forced)
@@ -120,7 +130,7 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
             per_layer[layer] += 1
         return sorted(c.name for c in chosen)
 
-    capacity = math.floor(cfg.budget * sum(c.params for c in cands))
+    capacity = math.floor(_fraction_of(cfg.budget, sum(c.params for c in cands)))
     used = sum(c.params for c in forced)
     if used > capacity:
         raise ValueError(f"select.always_fft modules hold {used:,} parameters; the budget allows {capacity:,}")
@@ -131,7 +141,8 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
     chosen = list(forced)
     for c in sorted(pool, key=lambda c: (-(c.score / max(c.params, 1)), c.name)):
         layer = _layer(c.name)
-        if used + c.params > capacity:
+        # As in the exact solver: a module without a positive score only lowers the total.
+        if c.score <= 0 or used + c.params > capacity:
             continue
         if cfg.max_per_layer is not None and layer is not None and per_layer[layer] >= cfg.max_per_layer:
             continue

@@ -24,7 +24,14 @@ from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import PeftSpec
 from megatron_hybrid.scoring.plan_io import load_plan
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
-from megatron_hybrid.train.step import Batch, OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
+from megatron_hybrid.train.step import (
+    Batch,
+    OptimConfig,
+    build_optimizer,
+    lm_forward_backward,
+    set_learning_rate,
+    wrap_ddp,
+)
 
 __all__ = ["QuickstartConfig", "RunConfig", "run_quickstart", "global_batch_shard"]
 
@@ -140,6 +147,7 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
         for step in range(1, cfg.run.steps + 1):
             batch = make_sft_batch(cfg.task.sample(cfg.run.global_batch_size, gen), tok, cfg.run.seq_length)
             micro = global_batch_shard(batch, cfg.run.micro_batch_size, dp_rank, dp_size)
+            set_learning_rate(optimizer, cfg.optim, step - 1, cfg.run.steps)
             loss = lm_forward_backward(ddp, micro)
             ok, _grad_norm, _ = optimizer.step()
             if not ok:

@@ -8,7 +8,8 @@ ranks gives the same gradients as one big batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +29,9 @@ __all__ = [
     "build_optimizer",
     "lm_forward_backward",
     "reduce_loss_reports",
+    "learning_rate_factor",
     "run_schedule",
+    "set_learning_rate",
     "wrap_ddp",
 ]
 
@@ -46,6 +49,14 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 0.0
     """Global grad-norm clip; 0 disables it (Megatron's clipping needs CUDA tensors)."""
+    lora_lr_mult: float = 1.0
+    """Learning-rate multiplier of LoRA adapter parameters (LoRA usually wants ~10x the FFT rate)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (see :func:`set_learning_rate`)."""
+    decay: str = "constant"
+    """After warm-up: ``constant`` or ``cosine`` (to ``min_lr_ratio`` x lr at the last step)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine decay, as a fraction of the peak rate."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -54,8 +65,20 @@ class OptimConfig:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad!r}")
+        if not self.lora_lr_mult > 0:
+            raise ValueError(f"optim.lora_lr_mult must be > 0, got {self.lora_lr_mult!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(
+                f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"
+            )
+        if self.decay not in ("constant", "cosine"):
+            raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {self.decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.clip_grad > 0 and not torch.cuda.is_available():
-            raise ValueError("optim.clip_grad > 0 needs CUDA (Megatron's clip_grads allocates CUDA tensors)")
+            raise ValueError(
+                "optim.clip_grad > 0 needs CUDA (Megatron's clip_grads allocates CUDA tensors)"
+            )
 
 
 @dataclass
@@ -95,23 +118,62 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]
 
 
 def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfig):
-    """Megatron's optimizer over the trainable parameters of DDP-wrapped chunks."""
+    """Megatron's optimizer over the trainable parameters of DDP-wrapped chunks.
+
+    LoRA adapters (parameters tagged ``is_lora_adapter``) get their own parameter group with
+    ``max_lr = lr x lora_lr_mult``; :func:`set_learning_rate` applies the schedule to every group.
+    """
     config = chunks[0].config
-    return get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=optim.lr,
-            weight_decay=optim.weight_decay,
-            adam_beta1=optim.adam_beta1,
-            adam_beta2=optim.adam_beta2,
-            adam_eps=optim.adam_eps,
-            clip_grad=optim.clip_grad,
-            bf16=config.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=False,
-        ),
-        list(chunks),
+    if config.bf16 and not torch.cuda.is_available():
+        raise ValueError(
+            "model.params_dtype bfloat16 cannot be trained on CPU: Megatron's mixed-precision "
+            "optimizer needs CUDA parameters (forward/backward in bf16 work; use float32 here)"
+        )
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.lr * optim.min_lr_ratio,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=False,
     )
+    overrides = None
+    if optim.lora_lr_mult != 1.0:
+        from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+        overrides = dict(get_standard_config_overrides(opt_config) or {})
+        lora_lr = optim.lr * optim.lora_lr_mult
+        overrides[ParamKey(attr="is_lora_adapter")] = {
+            "max_lr": lora_lr,
+            "min_lr": lora_lr * optim.min_lr_ratio,
+        }
+    optimizer = get_megatron_optimizer(opt_config, list(chunks), config_overrides=overrides)
+    set_learning_rate(optimizer, optim, step=0, total_steps=1)
+    return optimizer
+
+
+def learning_rate_factor(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """Multiplier of the peak rate at optimizer step ``step`` (0-based) of ``total_steps``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return 1.0
+    span = max(total_steps - optim.warmup_steps - 1, 1)
+    progress = min(max(step - optim.warmup_steps, 0) / span, 1.0)
+    floor = optim.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer, optim: OptimConfig, step: int, total_steps: int) -> None:
+    """Set every parameter group's ``lr`` to its ``max_lr`` (or ``optim.lr``) x the schedule factor."""
+    factor = learning_rate_factor(optim, step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("max_lr", optim.lr) * factor
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -131,19 +193,27 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
 
 
 def run_schedule(
-    chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Batch], *, forward_only: bool = False
+    chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence,
+    *,
+    forward_only: bool = False,
+    forward_step: Callable | None = None,
+    seq_length: int | None = None,
 ) -> list[dict]:
     """Megatron's forward/backward schedule over ``micro_batches``; returns the loss reports.
 
-    ``chunks`` may be DDP-wrapped or plain modules (then gradients land in ``param.grad`` as token
+    ``seq_length`` is the model's input length when the micro-batch tensors are wider (e.g. a
+    forward step that feeds ``tokens[:, :-1]``). ``chunks`` may be DDP-wrapped or plain modules (then gradients land in ``param.grad`` as token
     sums, un-normalised, when ``config.calculate_per_token_loss`` is set).
     """
-    seq_length = micro_batches[0].tokens.shape[1]
-    mbs = micro_batches[0].tokens.shape[0]
+    first = micro_batches[0]
+    mbs, width = (first if torch.is_tensor(first) else first.tokens).shape[:2]
+    # Pipeline stages exchange [seq, mbs, hidden] activations: seq must be the MODEL's input length.
+    seq_length = seq_length or width
     vpp = len(chunks)
     iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
     return get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=forward_step or _forward_step,
         data_iterator=iterators,
         model=list(chunks) if vpp > 1 else chunks[0],
         num_microbatches=len(micro_batches),
@@ -182,4 +252,8 @@ def lm_forward_backward(
     if not forward_only:
         for c in chunks:
             c.zero_grad_buffer()
+            # Megatron's optimizer.step() leaves param.grad aliasing param.main_grad; autograd would
+            # accumulate the next gradient into it and DDP's hook add it to main_grad again (2x).
+            for p in c.parameters():
+                p.grad = None
     return reduce_loss_reports(run_schedule(chunks, micro_batches, forward_only=forward_only))

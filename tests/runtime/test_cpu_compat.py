@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -288,6 +290,27 @@ def check_filesystem_async() -> None:
     assert copy.device.type == "cpu" and torch.equal(copy, tensor)
 
 
+def check_state_dict_saver() -> None:
+    """Save finalisation broadcasts a failure flag created on ``current_device()``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+
+    model = _tiny_model()
+    finalize = state_dict_saver.save_state_dict_async_finalize
+    with tempfile.TemporaryDirectory() as directory:
+        with mock.patch.object(
+            state_dict_saver, "save_state_dict_async_finalize", wraps=finalize
+        ) as spy:
+            dist_checkpointing.save(model.sharded_state_dict(), directory)
+        assert spy.call_count == 1
+        restored = _tiny_model()
+        for param in restored.parameters():
+            param.data.zero_()
+        restored.load_state_dict(dist_checkpointing.load(restored.sharded_state_dict(), directory))
+    for name, param in model.named_parameters():
+        assert torch.equal(restored.get_parameter(name), param), name
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "megatron.core.pipeline_parallel.schedules": check_schedules,
     "megatron.core.pipeline_parallel.p2p_communication": check_p2p_communication,
@@ -304,6 +327,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "megatron.core.optimizer.clip_grads": check_clip_grads,
     "megatron.core.optimizer.grad_scaler": check_grad_scaler,
     "megatron.core.dist_checkpointing.strategies.filesystem_async": check_filesystem_async,
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": check_state_dict_saver,
 }
 MULTIRANK_CHECKS = {
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -377,12 +401,6 @@ def test_rng_tracker_states_round_trip_and_reject_duplicates() -> None:
         assert torch.equal(torch.rand(3), draw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="missing patch: tensor_parallel.random._get_cuda_rng_state reads the CUDA generator "
-    "in CheckpointFunction (activation recompute)",
-)
 def test_activation_recompute_runs(single_rank_runtime) -> None:
     import dataclasses
 

@@ -1,0 +1,1 @@
+"""Conversion: HF Llama/Qwen2 <-> Megatron checkpoints, merge of hybrid trainables, HF PEFT export."""

@@ -1,0 +1,189 @@
+"""Configuration of the embedded benchmark (``megatron-hybrid demo``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_hybrid.data.arith import ArithTask, CharTokenizer
+from megatron_hybrid.models.config import ModelConfig
+from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.rl.grpo import GRPOConfig
+from megatron_hybrid.rl.generation import SamplingConfig
+from megatron_hybrid.rl.losses import PolicyLossConfig
+from megatron_hybrid.runtime.distributed import ParallelConfig
+from megatron_hybrid.scoring.calibration import ProbeConfig
+from megatron_hybrid.scoring.run import ScoreConfig
+from megatron_hybrid.scoring.selection import SelectionConfig
+
+__all__ = ["MODES", "ModeOptim", "WarmupConfig", "SFTStageConfig", "GRPOStageConfig", "DemoConfig", "quick_overrides"]
+
+#: Training modes compared by the benchmark.
+MODES = ("fft", "lora", "hybrid", "hybrid-random", "hybrid-gradnorm")
+
+
+@dataclass
+class ModeOptim:
+    """Learning rates of one mode: ``lr`` for full weights, ``lr x lora_lr_mult`` for adapters."""
+
+    lr: float
+    lora_lr_mult: float = 1.0
+
+
+def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dict[str, ModeOptim]:
+    """YAML/CLI mode overrides on top of the defaults (a partial entry keeps the other fields)."""
+    from dataclasses import asdict
+
+    out = dict(defaults)
+    for mode, value in (given or {}).items():
+        if mode not in MODES:
+            raise ValueError(f"{where}.modes has unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        if isinstance(value, ModeOptim):
+            out[mode] = value
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult")
+        try:
+            out[mode] = ModeOptim(**(asdict(defaults[mode]) | value))
+        except TypeError as e:
+            raise ValueError(f"{where}.modes.{mode}: {e}") from None
+    for mode, m in out.items():
+        if not m.lr > 0 or not m.lora_lr_mult > 0:
+            raise ValueError(f"{where}.modes.{mode}: lr and lora_lr_mult must be > 0")
+    return out
+
+
+def _default_mode_optim() -> dict[str, ModeOptim]:
+    # Chosen on the validation split (QUALITY_NOTES.md; see docs/benchmark.md for the sweep).
+    return {
+        "fft": ModeOptim(lr=3e-3),
+        "lora": ModeOptim(lr=3e-3, lora_lr_mult=10.0),
+        "hybrid": ModeOptim(lr=1e-2),
+        "hybrid-random": ModeOptim(lr=1e-2),
+        "hybrid-gradnorm": ModeOptim(lr=1e-2),
+    }
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up that makes the base model (cached on disk)."""
+
+    task: ArithTask = field(default_factory=lambda: ArithTask(op="+", min_digits=1, max_digits=3))
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class SFTStageConfig:
+    """Supervised post-training on a new operation (multiplication from an addition base)."""
+
+    enabled: bool = True
+    task: ArithTask = field(default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9))
+    test_size: int = 500
+    val_size: int = 300
+    steps: int = 600
+    batch_size: int = 64
+    warmup_steps: int = 20
+    eval_interval: int = 100
+    eval_subset: int = 200
+    """Held-out rows evaluated at each interval for the curves (the final number uses all)."""
+    modes: dict[str, ModeOptim] = field(default_factory=_default_mode_optim)
+
+    def __post_init__(self) -> None:
+        self.modes = _merge_modes(self.modes, _default_mode_optim(), "sft")
+
+
+@dataclass
+class GRPOStageConfig:
+    """RL post-training with a verifiable reward, from the same base."""
+
+    enabled: bool = True
+    task: ArithTask = field(default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9))
+    test_size: int = 500
+    val_size: int = 300
+    sft_warmup_steps: int = 0
+    """Optional brief SFT on the stage task before RL (all modes share it; 0 = off)."""
+    steps: int = 150
+    eval_interval: int = 25
+    eval_subset: int = 200
+    grpo: GRPOConfig = field(
+        default_factory=lambda: GRPOConfig(
+            prompts_per_step=16,
+            group_size=8,
+            micro_batch_size=64,
+            reward="digit_partial",
+            sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+            loss=PolicyLossConfig(),
+        )
+    )
+    modes: dict[str, ModeOptim] = field(default_factory=lambda: _grpo_mode_optim())
+
+    def __post_init__(self) -> None:
+        self.modes = _merge_modes(self.modes, _grpo_mode_optim(), "grpo")
+        if isinstance(self.grpo, dict):
+            self.grpo = GRPOConfig(**self.grpo)
+
+
+def _grpo_mode_optim() -> dict[str, ModeOptim]:
+    return {
+        "fft": ModeOptim(lr=1e-4),
+        "lora": ModeOptim(lr=1e-4, lora_lr_mult=30.0),
+        "hybrid": ModeOptim(lr=3e-4),
+        "hybrid-random": ModeOptim(lr=3e-4),
+        "hybrid-gradnorm": ModeOptim(lr=3e-4),
+    }
+
+
+@dataclass
+class DemoConfig:
+    """The whole benchmark: base warm-up, then an SFT stage and a GRPO stage across modes x seeds."""
+
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352,
+            vocab_size=CharTokenizer().vocab_size, max_sequence_length=24,
+        )
+    )
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=1, alpha=1.0))
+    select: SelectionConfig = field(default_factory=SelectionConfig)
+    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(method="probe_residual", probe=ProbeConfig(steps=20, lr=3e-3)))
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seq_length: int = 24
+    out: str = "runs/demo"
+    cache_dir: str | None = None
+    """Where the warmed-up base is cached (default: ``<out>/../cache``)."""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"demo.modes has unknown modes {unknown}; valid: {', '.join(MODES)}")
+        if not self.seeds:
+            raise ValueError("demo.seeds must not be empty")
+
+
+def quick_overrides() -> list[str]:
+    """The ``--quick`` preset: a few minutes on 2 CPU cores (a smoke test, not a benchmark)."""
+    return [
+        "warmup.steps=300",
+        "seeds=[0]",
+        "sft.steps=60",
+        "sft.eval_interval=30",
+        "sft.test_size=100",
+        "sft.val_size=50",
+        "sft.eval_subset=50",
+        "grpo.steps=6",
+        "grpo.eval_interval=3",
+        "grpo.test_size=100",
+        "grpo.val_size=50",
+        "grpo.eval_subset=50",
+        "grpo.grpo.prompts_per_step=8",
+        "grpo.grpo.group_size=4",
+        "score.probe.steps=5",
+    ]

@@ -1,0 +1,147 @@
+"""Benchmark report: results.json, report.md (tables with paired differences) and report.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["write_report", "summarize", "paired"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def paired(runs: list[dict], stage: str, a: str, b: str) -> tuple[float, float, int]:
+    """Mean and standard error of (a - b) final held-out accuracy over seeds both modes ran."""
+    by = {(r["mode"], r["seed"]): r["final_heldout_accuracy"] for r in runs if r["stage"] == stage}
+    diffs = [by[(a, s)] - by[(b, s)] for (m, s) in by if m == a and (b, s) in by]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """stage -> mode -> aggregated numbers."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["stage"], r["mode"])].append(r)
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for (stage, mode), rs in groups.items():
+        acc = [r["final_heldout_accuracy"] for r in rs]
+        mean, sd = _mean_sd(acc)
+        out[stage][mode] = {
+            "n": len(rs),
+            "acc_mean": mean,
+            "acc_sd": sd,
+            "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+            "trainable_params": statistics.fmean(r["trainable_params"] for r in rs),
+            "optimizer_state_bytes": statistics.fmean(r["optimizer_state_bytes"] for r in rs),
+            "peak_memory_bytes": statistics.fmean(r["peak_memory_bytes"] for r in rs),
+        }
+    return out
+
+
+def _fmt_pair(m: float, se: float) -> str:
+    if math.isnan(m):
+        return "-"
+    return f"{m:+.3f}" + ("" if math.isnan(se) else f" +- {se:.3f}")
+
+
+def _markdown(data: dict) -> str:
+    runs = data["runs"]
+    summary = summarize(runs)
+    lines = ["# megatron-hybrid benchmark", ""]
+    lines.append(f"Total wall time: {data['total_wall_time_s'] / 60:.1f} min. Seeds are shared across modes; paired "
+                 "differences are mean +- standard error over seeds.")
+    for stage, modes in summary.items():
+        lines += ["", f"## Stage: {stage}", ""]
+        lines.append("| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | wall time (s) | trainable params | optimizer state (MiB) | peak memory (MiB) |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        gap, gap_se, _ = paired(runs, stage, "fft", "lora")
+        for mode, s in modes.items():
+            vf = paired(runs, stage, mode, "fft")
+            vl = paired(runs, stage, mode, "lora")
+            closed = "-" if mode in ("fft", "lora") or math.isnan(gap) or abs(gap) < 1e-12 else f"{100 * vl[0] / gap:.0f}%"
+            lines.append(
+                f"| {mode} | {s['acc_mean']:.3f} +- {s['acc_sd']:.3f} (n={s['n']}) | {_fmt_pair(vf[0], vf[1]) if mode != 'fft' else '-'} | "
+                f"{_fmt_pair(vl[0], vl[1]) if mode != 'lora' else '-'} | {closed} | {s['wall_time_s']:.1f} | "
+                f"{s['trainable_params']:,.0f} | {s['optimizer_state_bytes'] / 2**20:.2f} | {s['peak_memory_bytes'] / 2**20:.1f} |"
+            )
+        if not math.isnan(gap):
+            sig = "" if math.isnan(gap_se) or gap_se == 0 else f" = {gap / gap_se:.1f} paired SE"
+            lines.append("")
+            lines.append(f"FFT - LoRA gap: {_fmt_pair(gap, gap_se)}{sig}.")
+        for other in ("hybrid-random", "hybrid-gradnorm"):
+            if other in modes and "hybrid" in modes:
+                m, se, n = paired(runs, stage, "hybrid", other)
+                lines.append(f"hybrid - {other}: {_fmt_pair(m, se)} (n={n}).")
+    plans = data.get("plans", {})
+    for stage, info in plans.items():
+        table = info.get("scores", {})
+        if not table:
+            continue
+        method = data["config"]["score"]["method"]
+        top = sorted(table.items(), key=lambda kv: -kv[1].get(method, 0))[:4]
+        lines += ["", f"Top modules by {method} at the base ({stage} data): " + ", ".join(f"{n} ({v.get(method, 0):.3g})" for n, v in top)]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    stages = sorted({r["stage"] for r in runs}, key=["sft", "grpo"].index)
+    panels = [(s, "accuracy_curve", "held-out accuracy") for s in stages]
+    if any(r["reward_curve"] for r in runs if r["stage"] == "grpo"):
+        panels.append(("grpo", "reward_curve", "rollout reward"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (stage, key, label) in zip(axes[0], panels):
+        by_mode: dict[str, list[list[list[float]]]] = defaultdict(list)
+        for r in runs:
+            if r["stage"] == stage and r[key]:
+                by_mode[r["mode"]].append(r[key])
+        for mode, curves in by_mode.items():
+            steps = [p[0] for p in curves[0]]
+            n = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(steps[:n], mean, label=mode, marker="o" if n < 15 else None, markersize=3)
+        ax.set_title(f"{stage}: {label} (mean over seeds)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(data: dict, out: Path) -> list[Path]:
+    """Write ``results.json``, ``report.md`` and ``report.png`` under ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    _atomic_write(results, json.dumps(data, indent=1, default=str) + "\n")
+    md = out / "report.md"
+    _atomic_write(md, _markdown(data))
+    png = out / "report.png"
+    _figure(data, png)
+    return [results, md, png]

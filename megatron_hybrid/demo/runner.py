@@ -1,0 +1,401 @@
+"""The embedded benchmark: warm up a base, then compare modes x seeds in an SFT and a GRPO stage.
+
+Every run of every mode starts from the same base weights; seeds are shared across modes (the
+seed picks the data order, the adapters' init, sampling, and the ``hybrid-random`` modules), so
+differences between modes can be compared per seed (paired).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
+from megatron_hybrid.demo.config import DemoConfig, ModeOptim
+from megatron_hybrid.models.provider import build_model
+from megatron_hybrid.peft.apply import apply_hybrid_plan
+from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
+from megatron_hybrid.rl.evaluate import greedy_accuracy
+from megatron_hybrid.rl.grpo import grpo_step
+from megatron_hybrid.rl.reference import ReferencePolicy
+from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime
+from megatron_hybrid.scoring.run import ScoreConfig, score_modules, seeded_uniform
+from megatron_hybrid.scoring.selection import Candidate, select_fft_modules
+from megatron_hybrid.train.quickstart import global_batch_shard
+from megatron_hybrid.train.step import (
+    OptimConfig,
+    build_optimizer,
+    lm_forward_backward,
+    set_learning_rate,
+    wrap_ddp,
+)
+
+__all__ = ["ProblemSet", "RunResult", "run_demo", "make_problem_set"]
+
+
+@dataclass
+class ProblemSet:
+    """(prompt, answer) pairs split into train / validation / test."""
+
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+
+def make_problem_set(task: ArithTask, test_size: int, val_size: int, seed: int = 12345) -> ProblemSet:
+    """Enumerate small problem spaces and split them; sample large ones (test/val disjoint from train)."""
+    gen = torch.Generator().manual_seed(seed)
+    if task.space_size() <= 200_000:
+        pairs = task.enumerate_all()
+        order = torch.randperm(len(pairs), generator=gen).tolist()
+        pairs = [pairs[i] for i in order]
+        if test_size + val_size >= len(pairs):
+            raise ValueError(f"test_size + val_size ({test_size + val_size}) >= {len(pairs)} problems")
+        return ProblemSet(pairs[test_size + val_size :], pairs[test_size : test_size + val_size], pairs[:test_size])
+    held = task.sample(test_size + val_size, gen)
+    return ProblemSet([], held[test_size:], held[:test_size])
+
+
+@dataclass
+class RunResult:
+    """One (stage, mode, seed) run; the fields of ``results.json``."""
+
+    mode: str
+    stage: str
+    seed: int
+    final_heldout_accuracy: float
+    reward_curve: list[list[float]]
+    accuracy_curve: list[list[float]]
+    loss_curve: list[list[float]]
+    wall_time_s: float
+    trainable_params: int
+    optimizer_state_bytes: int
+    peak_memory_bytes: int
+    fft_modules: list[str] = field(default_factory=list)
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry (CPU), or CUDA peak allocation (GPU)."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak = self._peak - self._base
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state (moments, fp32 masters) on this rank."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    total = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", opt)
+        for state in torch_opt.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
+def _mp_sum(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    group = parallel_state.get_model_parallel_group()
+    if group.size() > 1:
+        dist.all_reduce(t, group=group)
+    return int(t)
+
+
+def _digest(*objs) -> str:
+    return hashlib.sha256(json.dumps([asdict(o) if hasattr(o, "__dataclass_fields__") else o for o in objs], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Demo:
+    """State shared by the runs of one benchmark (base weights, tokenizer, score tables)."""
+
+    def __init__(self, cfg: DemoConfig, printer: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.tok = CharTokenizer()
+        self.say = printer
+        self.rank0 = dist.get_rank() == 0
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.base_state: dict[str, torch.Tensor] | None = None
+        self.writer = None
+        if cfg.tensorboard and self.rank0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(cfg.out) / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - tensorboard is optional
+                self.say(f"(TensorBoard logging off: {e})")
+
+    # -- models ------------------------------------------------------------------------------------
+    def fresh_model(self) -> list[torch.nn.Module]:
+        chunks = build_model(self.cfg.model, self.cfg.parallel)
+        if self.base_state is not None:
+            for i, c in enumerate(chunks):
+                missing = c.load_state_dict(self.base_state[i], strict=False)
+                bad = [k for k in missing.missing_keys if not k.endswith("_extra_state")]
+                if bad or missing.unexpected_keys:
+                    raise RuntimeError(f"base state does not fit the model: missing {bad}, unexpected {missing.unexpected_keys}")
+        return chunks
+
+    def encode(self, pairs):
+        return [(self.tok.encode(p), a) for p, a in pairs]
+
+    def accuracy(self, chunks, pairs) -> float:
+        return greedy_accuracy(
+            chunks, self.encode(pairs), decode=self.tok.decode, stop_token=self.tok.eos_id,
+            vocab_size=self.tok.vocab_size, max_new_tokens=self.cfg.grpo.grpo.sampling.max_new_tokens,
+        )
+
+    def sft_batches(self, pairs, batch_size: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+
+        def draw():
+            idx = torch.randint(0, len(pairs), (batch_size,), generator=gen).tolist()
+            batch = make_sft_batch([pairs[i] for i in idx], self.tok, self.cfg.seq_length)
+            return global_batch_shard(batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size)
+
+        return draw
+
+    # -- base --------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        cfg = self.cfg
+        cache = Path(cfg.cache_dir or (Path(cfg.out).parent / "cache"))
+        key = _digest(cfg.model, cfg.warmup, cfg.seq_length)
+        layout = f"tp{cfg.parallel.tensor_model_parallel_size}pp{cfg.parallel.pipeline_model_parallel_size}"
+        mp_rank = parallel_state.get_model_parallel_group().rank()
+        path = cache / f"base-{key}-{layout}-mp{mp_rank}.pt"
+        found = torch.tensor([1 if path.is_file() else 0])
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        if int(found):
+            self.base_state = torch.load(path, weights_only=True)
+            self.say(f"base model: loaded from cache {path.parent} ({key})")
+            return
+        self.say(f"base model: supervised warm-up on {cfg.warmup.task.op} ({cfg.warmup.steps} steps) ...")
+        chunks = build_model(cfg.model, cfg.parallel)
+        ddp = wrap_ddp(chunks)
+        optim = OptimConfig(lr=cfg.warmup.lr, warmup_steps=min(50, cfg.warmup.steps // 10), decay="cosine", min_lr_ratio=0.1)
+        opt = build_optimizer(ddp, optim)
+        draw = self._sampled_batches(cfg.warmup.task, cfg.warmup.batch_size, cfg.warmup.seed)
+        t0 = time.perf_counter()
+        for step in range(cfg.warmup.steps):
+            set_learning_rate(opt, optim, step, cfg.warmup.steps)
+            lm_forward_backward(ddp, draw())
+            ok, _, _ = opt.step()
+            if not ok:
+                raise RuntimeError(f"warm-up step {step}: non-finite gradients")
+        self.base_state = [{k: v.detach().clone() for k, v in c.module.state_dict().items() if not k.endswith("_extra_state")} for c in ddp]
+        acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
+        self.say(f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}")
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.base_state, tmp)
+        tmp.replace(path)
+
+    def _sampled_batches(self, task: ArithTask, batch_size: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+
+        def draw():
+            batch = make_sft_batch(task.sample(batch_size, gen), self.tok, self.cfg.seq_length)
+            return global_batch_shard(batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size)
+
+        return draw
+
+    # -- plans -------------------------------------------------------------------------------------
+    def score_table(self, problems: ProblemSet, stage: str) -> dict[str, dict]:
+        """Scores of every candidate at the base, for the stage's data (gradient and probe families)."""
+        cfg = self.cfg
+        chunks = self.fresh_model()
+        draw = self.sft_batches(problems.train, 64, seed=4242)
+        cache: dict[int, list] = {}
+
+        def batches(k: int):
+            if k not in cache:
+                cache[k] = draw()
+            return cache[k]
+
+        table: dict[str, dict] = {}
+        for method in ("grad_norm", cfg.score.method):
+            sc = ScoreConfig(**{**asdict(cfg.score), "method": method, "probe": cfg.score.probe})
+            for m in score_modules(chunks, batches, sc, cfg.lora.rank):
+                table.setdefault(m.name, {"params": m.params}).update(m.scores)
+        self.say(f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at the base")
+        return table
+
+    def plan_for(self, mode: str, table: dict[str, dict], seed: int) -> HybridPlan:
+        cfg = self.cfg
+        names = sorted(table)
+        if mode == "fft":
+            return HybridPlan({n: ModuleDecision("fft") for n in names}, lora=cfg.lora, seed=seed)
+        if mode == "lora":
+            return HybridPlan({n: ModuleDecision("lora") for n in names}, lora=cfg.lora, seed=seed)
+        key = {"hybrid": cfg.score.method, "hybrid-gradnorm": "grad_norm"}.get(mode)
+        scores = {n: (table[n][key] if key else seeded_uniform(n, seed)) for n in names}
+        fft = set(select_fft_modules([Candidate(n, table[n]["params"], scores[n]) for n in names], cfg.select))
+        return HybridPlan(
+            {n: ModuleDecision("fft" if n in fft else "lora") for n in names}, lora=cfg.lora, seed=seed
+        )
+
+    # -- runs --------------------------------------------------------------------------------------
+    def run(self, stage: str, mode: str, seed: int, problems: ProblemSet, plan: HybridPlan, mode_optim: ModeOptim) -> RunResult:
+        cfg = self.cfg
+        stage_cfg = cfg.sft if stage == "sft" else cfg.grpo
+        torch.manual_seed(seed)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            chunks = self.fresh_model()
+            summary = apply_hybrid_plan(chunks, plan)
+            reference = ReferencePolicy(chunks) if stage == "grpo" and cfg.grpo.grpo.loss.kl_coef > 0 else None
+            ddp = wrap_ddp(chunks)
+            optim = OptimConfig(
+                lr=mode_optim.lr, lora_lr_mult=mode_optim.lora_lr_mult,
+                warmup_steps=getattr(stage_cfg, "warmup_steps", 0), decay="cosine" if stage == "sft" else "constant",
+            )
+            opt = build_optimizer(ddp, optim)
+            subset = problems.test[: stage_cfg.eval_subset]
+            acc_curve: list[list[float]] = [[0, self.accuracy(ddp, subset)]]
+            reward_curve: list[list[float]] = []
+            loss_curve: list[list[float]] = []
+            tag = f"{stage}/{mode}/seed{seed}"
+            if stage == "sft":
+                draw = self.sft_batches(problems.train, cfg.sft.batch_size, seed=10_000 + seed)
+                for step in range(1, cfg.sft.steps + 1):
+                    set_learning_rate(opt, optim, step - 1, cfg.sft.steps)
+                    loss = lm_forward_backward(ddp, draw())
+                    ok, _, _ = opt.step()
+                    if not ok:
+                        raise RuntimeError(f"{tag} step {step}: non-finite gradients")
+                    if loss is not None:
+                        loss_curve.append([step, loss])
+                        self._scalar(f"{tag}/loss", loss, step)
+                    if step % cfg.sft.eval_interval == 0 and step < cfg.sft.steps:
+                        acc_curve.append([step, self.accuracy(ddp, subset)])
+                        self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
+            else:
+                g = cfg.grpo.grpo
+                gen = torch.Generator().manual_seed(20_000 + seed)
+                encoded = self.encode(problems.train)
+                per_rank = g.prompts_per_step // self.dp_size
+                for step in range(1, cfg.grpo.steps + 1):
+                    idx = torch.randint(0, len(encoded), (g.prompts_per_step,), generator=gen).tolist()
+                    mine = [encoded[i] for i in idx][self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+                    stats = grpo_step(
+                        ddp, opt, mine, g, decode=self.tok.decode, stop_token=self.tok.eos_id,
+                        vocab_size=self.tok.vocab_size, seed=seed * 100_003 + step * 7 + self.dp_rank,
+                        optim=optim, step=step - 1, total_steps=cfg.grpo.steps, reference=reference,
+                    )
+                    reward_curve.append([step, stats.reward_mean])
+                    if stats.loss is not None:
+                        loss_curve.append([step, stats.loss])
+                    self._scalar(f"{tag}/reward", stats.reward_mean, step)
+                    if step % cfg.grpo.eval_interval == 0 and step < cfg.grpo.steps:
+                        acc_curve.append([step, self.accuracy(ddp, subset)])
+                        self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
+            final = self.accuracy(ddp, problems.test)
+            steps = cfg.sft.steps if stage == "sft" else cfg.grpo.steps
+            acc_curve.append([steps, self.accuracy(ddp, subset)])
+            wall = time.perf_counter() - t0
+            opt_bytes = _mp_sum(optimizer_state_bytes(opt))
+        self._scalar(f"{tag}/final_heldout_accuracy", final, steps)
+        return RunResult(
+            mode=mode, stage=stage, seed=seed, final_heldout_accuracy=final, reward_curve=reward_curve,
+            accuracy_curve=acc_curve, loss_curve=loss_curve, wall_time_s=wall,
+            trainable_params=summary.trainable_params, optimizer_state_bytes=opt_bytes,
+            peak_memory_bytes=int(mem.peak), fft_modules=plan.names("fft") if mode != "fft" else [],
+        )
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+
+def run_demo(cfg: DemoConfig, *, printer: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run the benchmark; writes results.json, report.md and report.png under ``cfg.out``."""
+    from megatron_hybrid.demo.report import write_report
+
+    initialize_runtime(cfg.parallel, seed=1234)
+    try:
+        rank0 = dist.get_rank() == 0
+        say = printer if rank0 else (lambda *_a, **_k: None)
+        demo = Demo(cfg, say)
+        start = time.perf_counter()
+        demo.warm_up()
+        results: list[RunResult] = []
+        stages = [s for s in ("sft", "grpo") if getattr(cfg, s).enabled]
+        total = len(stages) * len(cfg.modes) * len(cfg.seeds)
+        bar = None
+        if progress and rank0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="runs", unit="run")
+        plans_used: dict[str, dict] = {}
+        for stage in stages:
+            scfg = getattr(cfg, stage)
+            problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
+            table = demo.score_table(problems, stage)
+            plans_used[stage] = {"scores": table}
+            for seed in cfg.seeds:
+                for mode in cfg.modes:
+                    plan = demo.plan_for(mode, table, seed)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{stage} {mode} seed {seed}")
+                    res = demo.run(stage, mode, seed, problems, plan, scfg.modes[mode])
+                    results.append(res)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.write(f"  {stage:4s} {mode:16s} seed {seed}: held-out accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)")
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        out = {"config": _jsonable(asdict(cfg)), "total_wall_time_s": elapsed, "plans": plans_used, "runs": [asdict(r) for r in results]}
+        if rank0:
+            paths = write_report(out, Path(cfg.out))
+            say(f"benchmark done in {elapsed / 60:.1f} min: " + ", ".join(str(p) for p in paths))
+        if demo.writer is not None:
+            demo.writer.close()
+        return out
+    finally:
+        destroy_runtime()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj
+

@@ -1,0 +1,269 @@
+"""One GRPO / GSPO / Dr.GRPO step on Megatron model chunks: rollout, reward, advantage, update.
+
+Per step and data-parallel rank: sample ``group_size`` completions for each of this rank's
+prompts, score them with a verifiable reward, compute group-normalised advantages, recompute the
+behaviour log-probabilities (and the reference's when a KL term is on), then run
+``updates_per_rollout`` optimizer steps through Megatron's schedule with the clipped policy loss.
+The loss is a sum over each micro-batch normalised by a GLOBAL count (tokens, sequences or
+sequences x max length) via Megatron's ``calculate_per_token_loss`` path, so any micro-batch /
+data-parallel split gives the same update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_hybrid.rl.advantages import dynamic_sampling_mask, group_advantages
+from megatron_hybrid.rl.generation import (
+    Rollout,
+    SamplingConfig,
+    generate,
+    padded_width,
+    sequence_logprobs,
+)
+from megatron_hybrid.rl.losses import PolicyLossConfig, get_policy_loss, normalizer_count
+from megatron_hybrid.rl.reference import ReferencePolicy
+from megatron_hybrid.rl.rewards import get_reward_function, score_completions
+from megatron_hybrid.train.step import OptimConfig, run_schedule, set_learning_rate
+
+__all__ = ["GRPOConfig", "RLBatch", "StepStats", "grpo_step"]
+
+
+@dataclass
+class GRPOConfig:
+    """Rollout and update settings (``grpo:`` section)."""
+
+    prompts_per_step: int = 16
+    """Prompts per optimizer step over all data-parallel ranks."""
+    group_size: int = 8
+    """Completions sampled per prompt."""
+    micro_batch_size: int = 32
+    """Sequences per micro-batch in the update and log-prob passes."""
+    updates_per_rollout: int = 1
+    """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
+    reward: str = "exact_int"
+    """Reward function name (see ``megatron_hybrid.rl.rewards``)."""
+    scale_advantages: bool = True
+    """Divide by the group's reward std (GRPO); False subtracts the mean only (Dr.GRPO)."""
+    filter_groups: bool = False
+    """Dynamic sampling: drop groups whose rewards are all equal (they carry no signal)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if isinstance(self.loss, dict):
+            self.loss = PolicyLossConfig(**self.loss)
+        for key in ("prompts_per_step", "group_size", "micro_batch_size", "updates_per_rollout"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"grpo.{key} must be a positive integer, got {v!r}")
+        get_reward_function(self.reward)
+
+
+@dataclass
+class RLBatch:
+    """One micro-batch of the policy update. ``[b, s]`` tensors are aligned with labels."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    """``[b]`` one advantage per sequence."""
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
+
+
+@dataclass
+class StepStats:
+    """What one step did (global over data-parallel ranks)."""
+
+    reward_mean: float
+    accuracy: float
+    """Fraction of completions with reward 1."""
+    loss: float | None
+    reward_errors: int = 0
+    reward_timeouts: int = 0
+    kept_groups: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _policy_forward_step(loss_cfg: PolicyLossConfig, data_iterator, model):
+    batch: RLBatch = next(data_iterator)
+    nll = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    loss_fn = get_policy_loss(loss_cfg.loss)
+
+    def loss_func(output):
+        logprobs = -output.float()
+        loss, metrics = loss_fn(
+            logprobs,
+            batch.old_logprobs,
+            batch.advantages,
+            batch.loss_mask,
+            loss_cfg,
+            ref_logprobs=batch.ref_logprobs,
+            normalizer=1.0,
+        )
+        count = normalizer_count(batch.loss_mask, loss_cfg)
+        report = {"loss": torch.stack([loss.detach(), count.float()])}
+        report.update({k: v.detach().float().reshape(()) for k, v in metrics.items()})
+        return loss, count.to(torch.int), report
+
+    return nll, loss_func
+
+
+def _split(
+    rollout: Rollout, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None, mbs: int
+) -> list[RLBatch]:
+    tokens = rollout.tokens
+    mask = rollout.completion_mask()
+    pad = padded_width(tokens.shape[1] - 1) - (tokens.shape[1] - 1)
+    if pad:  # sequence parallelism needs a width divisible by TP; padding is masked out
+        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
+        mask, old = (torch.cat([t, t.new_zeros(t.shape[0], pad)], dim=1) for t in (mask, old))
+        ref = None if ref is None else torch.cat([ref, ref.new_zeros(ref.shape[0], pad)], dim=1)
+    b = tokens.shape[0]
+    mbs = min(mbs, b)
+    extra = -(-b // mbs) * mbs - b
+    if extra:  # pipeline schedules need equal micro-batches: pad with fully masked rows
+        tokens = torch.cat([tokens, tokens[:1].expand(extra, -1)], dim=0)
+        mask, old = (torch.cat([t, t.new_zeros(extra, t.shape[1])], dim=0) for t in (mask, old))
+        adv = torch.cat([adv, adv.new_zeros(extra)])
+        ref = None if ref is None else torch.cat([ref, ref.new_zeros(extra, ref.shape[1])], dim=0)
+    out = []
+    for s in range(0, tokens.shape[0], mbs):
+        sl = slice(s, s + mbs)
+        out.append(
+            RLBatch(
+                tokens=tokens[sl, :-1],
+                labels=tokens[sl, 1:],
+                loss_mask=mask[sl],
+                old_logprobs=old[sl],
+                advantages=adv[sl],
+                ref_logprobs=None if ref is None else ref[sl],
+            )
+        )
+    return out
+
+
+def _dp_sum(values: Sequence[float]) -> list[float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    dp = parallel_state.get_data_parallel_group()
+    if dp.size() > 1:
+        dist.all_reduce(t, group=dp)
+    return t.tolist()
+
+
+def grpo_step(
+    ddp_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    prompts: Sequence[tuple[list[int], str]],
+    cfg: GRPOConfig,
+    *,
+    decode: Callable[[list[int]], str],
+    stop_token: int,
+    vocab_size: int,
+    seed: int,
+    optim: OptimConfig,
+    step: int,
+    total_steps: int,
+    reference: ReferencePolicy | None = None,
+) -> StepStats:
+    """One GRPO step on this DP rank's ``prompts`` (token ids, reference answer)."""
+    group = cfg.group_size
+    expanded = [p for p, _ in prompts for _ in range(group)]
+    answers = [a for _, a in prompts for _ in range(group)]
+    for c in ddp_chunks:
+        c.eval()
+    rollout = generate(
+        ddp_chunks,
+        expanded,
+        cfg.sampling,
+        stop_token=stop_token,
+        vocab_size=vocab_size,
+        seed=seed,
+        micro_batch_size=cfg.micro_batch_size,
+    )
+    texts = [decode(c) for c in rollout.completions()]
+    rewards, rstats = score_completions(get_reward_function(cfg.reward), texts, answers)
+    adv = group_advantages(rewards, group, scale=cfg.scale_advantages)
+    keep_groups = (
+        dynamic_sampling_mask(rewards, group)
+        if cfg.filter_groups
+        else torch.ones(len(prompts), dtype=torch.bool)
+    )
+    keep = keep_groups.repeat_interleave(group)
+    old = sequence_logprobs(ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size)
+    ref = None
+    if cfg.loss.kl_coef > 0:
+        if reference is None:
+            raise ValueError("grpo.loss.kl_coef > 0 needs a reference policy")
+        with reference.active():
+            ref = sequence_logprobs(
+                ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size
+            )
+    for c in ddp_chunks:
+        c.train()
+
+    loss_value = None
+    metrics: dict[str, float] = {}
+    if bool(keep.any()):
+        idx = keep.nonzero().squeeze(1)
+        kept = Rollout(rollout.tokens[idx], rollout.prompt_lengths[idx], rollout.lengths[idx])
+        micro = _split(
+            kept, old[idx], adv[idx], None if ref is None else ref[idx], cfg.micro_batch_size
+        )
+    else:
+        micro = []
+    # Every DP rank must run the same number of schedule calls (DDP all-reduces inside).
+    has_data = _dp_sum([1.0 if micro else 0.0])[0]
+    for update in range(cfg.updates_per_rollout):
+        if has_data < parallel_state.get_data_parallel_world_size():
+            break  # a rank filtered out all its groups; skip the update everywhere
+        for c in ddp_chunks:
+            c.zero_grad_buffer()
+        reports = run_schedule(
+            ddp_chunks, micro, forward_step=partial(_policy_forward_step, cfg.loss)
+        )
+        set_learning_rate(optimizer, optim, step, total_steps)
+        ok, _, _ = optimizer.step()
+        if not ok:
+            raise RuntimeError(f"GRPO step {step}: optimizer step skipped (non-finite gradients)")
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and update == 0:
+            tot = torch.stack([r["loss"] for r in reports]).sum(0)
+            loss_value = float(tot[0] / tot[1].clamp(min=1))
+            for key in reports[0]:
+                if key != "loss":
+                    metrics[key] = float(torch.stack([r[key] for r in reports]).mean())
+    n = len(texts)
+    total_reward, exact, n_all, errs, tos, kept_g = _dp_sum(
+        [
+            float(rewards.sum()),
+            float((rewards == 1).sum()),
+            float(n),
+            rstats.errors,
+            rstats.timeouts,
+            float(keep_groups.sum()),
+        ]
+    )
+    return StepStats(
+        reward_mean=total_reward / max(n_all, 1),
+        accuracy=exact / max(n_all, 1),
+        loss=loss_value,
+        reward_errors=int(errs),
+        reward_timeouts=int(tos),
+        kept_groups=int(kept_g),
+        metrics=metrics,
+    )
