@@ -8,7 +8,12 @@ import warnings
 
 # Megatron-Core warns at import time about every optional fused kernel it falls back from; on a
 # CPU machine that is expected and drowns the useful output.
-for _pattern in (".*Apex.*", ".*Transformer Engine.*", ".*TransformerEngine.*", ".*full scope is deprecated.*"):
+for _pattern in (
+    ".*Apex.*",
+    ".*Transformer Engine.*",
+    ".*TransformerEngine.*",
+    ".*full scope is deprecated.*",
+):
     warnings.filterwarnings("ignore", message=_pattern)
 
 __version__ = "0.1.0"

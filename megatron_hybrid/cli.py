@@ -55,6 +55,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _posttrain(args: argparse.Namespace) -> int:
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.rl.job import PostTrainConfig, run_posttrain
+
+    flags = {
+        "data.path": args.data,
+        "data.prompt_field": args.prompt_field,
+        "data.answer_field": args.answer_field,
+        "mode": args.mode,
+        "out": args.out,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config(PostTrainConfig, args.config, overrides)
+    run_posttrain(cfg, args.command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-hybrid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--config", help="YAML file of overrides (see examples/)")
     score.add_argument("--out", help="plan file to write (default: plan.json)")
-    score.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. score.method=residual")
+    score.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. score.method=residual"
+    )
     score.set_defaults(func=_score)
 
     demo = sub.add_parser(
@@ -79,10 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded benchmark: FFT vs LoRA vs Hybrid-LoRA (SFT and GRPO stages, several seeds)",
     )
     demo.add_argument("--config", help="YAML file of overrides (see examples/demo.yaml)")
-    demo.add_argument("--quick", action="store_true", help="a few-minute smoke-test preset (1 seed, short stages)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a few-minute smoke-test preset (1 seed, short stages)"
+    )
     demo.add_argument("--out", help="output directory (default runs/demo)")
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0,1,2]")
     demo.set_defaults(func=_demo)
+
+    for stage, text in (
+        ("sft", "supervised post-training of one mode on your data (prompt + reference answer)"),
+        ("grpo", "GRPO/GSPO post-training of one mode on your data with a verifiable reward"),
+    ):
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("--data", help="local jsonl / json / parquet file (or directory, or glob)")
+        p.add_argument("--prompt-field", help="column holding the prompt (default: prompt)")
+        p.add_argument(
+            "--answer-field", help="column holding the reference answer (default: answer)"
+        )
+        p.add_argument(
+            "--mode", help="fft, lora, hybrid, hybrid-random or hybrid-gradnorm (default hybrid)"
+        )
+        p.add_argument("--config", help="YAML file of overrides")
+        p.add_argument("--out", help="output directory")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.steps=20")
+        p.set_defaults(func=_posttrain)
 
     plan = sub.add_parser("plan", help="inspect plan files")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)

@@ -32,7 +32,7 @@ _YAMLLoader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def _is_optional(tp: Any) -> bool:
@@ -72,7 +72,9 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
         if key not in fields:
-            raise ValueError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}"
+            )
         sub = _dataclass_type(hints[key])
         if sub is None or isinstance(value, sub) or (value is None and _is_optional(hints[key])):
             kwargs[key] = value
@@ -129,7 +131,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
     """Defaults of ``cls``, then the YAML file at ``path``, then ``overrides``."""
     data: dict = {}
     if path is not None:

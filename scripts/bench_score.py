@@ -55,7 +55,16 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def _analytic_ratio(out: int, inp: int, tp: int, mode: str, solver: str, r: int = 16, q_extra: int = 8, iters: int = 4) -> float:
+def _analytic_ratio(
+    out: int,
+    inp: int,
+    tp: int,
+    mode: str,
+    solver: str,
+    r: int = 16,
+    q_extra: int = 8,
+    iters: int = 4,
+) -> float:
     """Bytes all-reduced per rank / bytes of gathering a bf16 gradient, for a full out x in matrix."""
     d = inp if mode == "column" else out
     gather = out * inp * 2
@@ -77,8 +86,13 @@ def main() -> None:
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
     model = ModelConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8, num_query_groups=4,
-        ffn_hidden_size=4 * args.hidden, vocab_size=CharTokenizer().vocab_size, max_sequence_length=32,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=4 * args.hidden,
+        vocab_size=CharTokenizer().vocab_size,
+        max_sequence_length=32,
     )
     run = RunConfig(global_batch_size=32, micro_batch_size=8, seq_length=16)
     initialize_runtime(parallel, seed=0)
@@ -86,10 +100,17 @@ def main() -> None:
     say = print if rank0 else (lambda *a, **k: None)
     chunks = build_model(model, parallel)
     batches = task_batch_source(ArithTask(), run)
-    tp_group = __import__("megatron.core.parallel_state", fromlist=["x"]).get_tensor_model_parallel_group()
+    tp_group = __import__(
+        "megatron.core.parallel_state", fromlist=["x"]
+    ).get_tensor_model_parallel_group()
 
     def score(method: str, solver: str):
-        cfg = ScoreConfig(method=method, solver=solver, num_batches=args.batches, probe=ProbeConfig(steps=args.batches))
+        cfg = ScoreConfig(
+            method=method,
+            solver=solver,
+            num_batches=args.batches,
+            probe=ProbeConfig(steps=args.batches),
+        )
         return lambda: score_modules(chunks, batches, cfg, RANK)
 
     times = {
@@ -105,7 +126,14 @@ def main() -> None:
         shard = torch.randn_like(base.weight, dtype=torch.bfloat16)
         _, exact = sharded_spectral_stats(shard, mode, tp_group, RANK, solver="exact")
         _, rand = sharded_spectral_stats(shard, mode, tp_group, RANK, solver="randomized")
-        comm_rows.append((ref.name, mode, exact.all_reduce_bytes / exact.gather_bytes, rand.all_reduce_bytes / rand.gather_bytes))
+        comm_rows.append(
+            (
+                ref.name,
+                mode,
+                exact.all_reduce_bytes / exact.gather_bytes,
+                rand.all_reduce_bytes / rand.gather_bytes,
+            )
+        )
 
     # One hybrid training step on the same global batch (10% FFT, LoRA r=8 on the rest).
     names = candidate_names(chunks)
@@ -120,23 +148,35 @@ def main() -> None:
 
     t_train = _time(train_step, args.repeats + 1)
 
-    say(f"model: {args.layers} layers, hidden {args.hidden}, TP={args.tp}, K={args.batches} calibration batches, r={RANK}")
+    say(
+        f"model: {args.layers} layers, hidden {args.hidden}, TP={args.tp}, K={args.batches} calibration batches, r={RANK}"
+    )
     say("\nscoring time / one training step on the same batch")
     for k, v in times.items():
         say(f"  {k:22s} {v / t_train:8.2f}x")
-    say(f"  randomized / exact       {times['residual/randomized'] / times['residual/exact']:8.2f}x")
-    say("\nbytes all-reduced per module / bytes of all-gathering the gradient (measured, bf16 matrices)")
+    say(
+        f"  randomized / exact       {times['residual/randomized'] / times['residual/exact']:8.2f}x"
+    )
+    say(
+        "\nbytes all-reduced per module / bytes of all-gathering the gradient (measured, bf16 matrices)"
+    )
     if args.tp == 1:
         say("  (TP=1: nothing is communicated; run under torchrun with --tp 2 to measure)")
     else:
         say(f"  {'module':46s} {'mode':6s} {'exact':>8s} {'randomized':>11s}")
         for name, mode, e, r in comm_rows:
             say(f"  {name:46s} {mode:6s} {e:8.3f} {r:11.3f}")
-    say("\nsame ratio computed for real shapes (TP=8, bf16 gradient, r=16, oversample 8, 4 iterations)")
+    say(
+        "\nsame ratio computed for real shapes (TP=8, bf16 gradient, r=16, oversample 8, 4 iterations)"
+    )
     for label, h, ffn in (("Llama-3-8B", 4096, 14336), ("Llama-3-70B", 8192, 28672)):
         kv = h // 4  # 8 KV heads of 128 for 32 / 64 query heads
-        shapes = {"linear_qkv": (h + 2 * kv, h, "column"), "linear_proj": (h, h, "row"),
-                  "linear_fc1": (2 * ffn, h, "column"), "linear_fc2": (h, ffn, "row")}
+        shapes = {
+            "linear_qkv": (h + 2 * kv, h, "column"),
+            "linear_proj": (h, h, "row"),
+            "linear_fc1": (2 * ffn, h, "column"),
+            "linear_fc2": (h, ffn, "row"),
+        }
         cells = ", ".join(
             f"{k} {_analytic_ratio(o, i, 8, m, 'exact'):.2f}/{_analytic_ratio(o, i, 8, m, 'randomized'):.4f}"
             for k, (o, i, m) in shapes.items()

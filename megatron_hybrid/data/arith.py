@@ -13,18 +13,40 @@ import torch
 
 from megatron_hybrid.train.step import Batch
 
-__all__ = ["CharTokenizer", "ArithTask", "make_sft_batch"]
+__all__ = ["ArithTask", "CharTokenizer", "make_sft_batch"]
 
 
 class CharTokenizer:
-    """Maps the characters of arithmetic problems to ids; id 0 is padding."""
+    """Maps characters to ids; id 0 is padding, the last id is the end token ``$``.
+
+    The default alphabet covers the arithmetic tasks; :meth:`from_texts` builds one for any data.
+    """
 
     PAD = "_"
     EOS = "$"
     CHARS = PAD + "0123456789+-*=" + EOS
 
-    def __init__(self) -> None:
+    def __init__(self, chars: str | None = None) -> None:
+        if chars is not None:
+            if chars[0] != self.PAD or chars[-1] != self.EOS or len(set(chars)) != len(chars):
+                raise ValueError(
+                    "a character alphabet must start with '_', end with '$' and have no repeats"
+                )
+            self.CHARS = chars
         self._ids = {c: i for i, c in enumerate(self.CHARS)}
+
+    @classmethod
+    def from_texts(cls, texts) -> CharTokenizer:
+        """An alphabet holding every character of ``texts`` (plus the arithmetic characters)."""
+        seen = set(cls.CHARS[1:-1])
+        for t in texts:
+            seen.update(t)
+        for reserved in (cls.PAD, cls.EOS):
+            if reserved in seen:
+                raise ValueError(
+                    f"the data contains the reserved character {reserved!r} (padding / end token)"
+                )
+        return cls(cls.PAD + "".join(sorted(seen)) + cls.EOS)
 
     @property
     def vocab_size(self) -> int:
@@ -42,7 +64,9 @@ class CharTokenizer:
         try:
             return [self._ids[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer alphabet {self.CHARS!r}") from None
+            raise ValueError(
+                f"character {e.args[0]!r} is not in the tokenizer alphabet {self.CHARS!r}"
+            ) from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.CHARS[i] for i in ids if 0 < i < len(self.CHARS))
@@ -64,7 +88,9 @@ class ArithTask:
         if self.op not in "+-*" or len(self.op) != 1:
             raise ValueError(f"task.op must be one of '+', '-', '*', got {self.op!r}")
         if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+            raise ValueError(
+                f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
+            )
         b_max = self.b_max
         if b_max is not None and (type(b_max) is not int or b_max < 0):
             raise ValueError(f"task.b_max must be a non-negative integer or null, got {b_max!r}")
@@ -111,7 +137,9 @@ def make_sft_batch(pairs: list[tuple[str, str]], tok: CharTokenizer, seq_length:
         p = tok.encode(prompt)
         full = p + tok.encode(answer) + [tok.eos_id]
         if len(full) > seq_length + 1:
-            raise ValueError(f"row {i}: {prompt + answer!r} needs {len(full) - 1} tokens > seq_length {seq_length}")
+            raise ValueError(
+                f"row {i}: {prompt + answer!r} needs {len(full) - 1} tokens > seq_length {seq_length}"
+            )
         ids = torch.tensor(full)
         tokens[i, : len(full) - 1] = ids[:-1]
         labels[i, : len(full) - 1] = ids[1:]

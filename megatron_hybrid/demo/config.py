@@ -7,15 +7,23 @@ from dataclasses import dataclass, field
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
-from megatron_hybrid.rl.grpo import GRPOConfig
 from megatron_hybrid.rl.generation import SamplingConfig
+from megatron_hybrid.rl.grpo import GRPOConfig
 from megatron_hybrid.rl.losses import PolicyLossConfig
 from megatron_hybrid.runtime.distributed import ParallelConfig
 from megatron_hybrid.scoring.calibration import ProbeConfig
 from megatron_hybrid.scoring.run import ScoreConfig
 from megatron_hybrid.scoring.selection import SelectionConfig
 
-__all__ = ["MODES", "ModeOptim", "WarmupConfig", "SFTStageConfig", "GRPOStageConfig", "DemoConfig", "quick_overrides"]
+__all__ = [
+    "MODES",
+    "DemoConfig",
+    "GRPOStageConfig",
+    "ModeOptim",
+    "SFTStageConfig",
+    "WarmupConfig",
+    "quick_overrides",
+]
 
 #: Training modes compared by the benchmark.
 MODES = ("fft", "lora", "hybrid", "hybrid-random", "hybrid-gradnorm")
@@ -79,10 +87,12 @@ class SFTStageConfig:
     """Supervised post-training on a new operation (multiplication from an addition base)."""
 
     enabled: bool = True
-    task: ArithTask = field(default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9))
+    task: ArithTask = field(
+        default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9)
+    )
     test_size: int = 500
     val_size: int = 300
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64
     warmup_steps: int = 20
     eval_interval: int = 100
@@ -99,12 +109,14 @@ class GRPOStageConfig:
     """RL post-training with a verifiable reward, from the same base."""
 
     enabled: bool = True
-    task: ArithTask = field(default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9))
+    task: ArithTask = field(
+        default_factory=lambda: ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9)
+    )
     test_size: int = 500
     val_size: int = 300
     sft_warmup_steps: int = 0
     """Optional brief SFT on the stage task before RL (all modes share it; 0 = off)."""
-    steps: int = 150
+    steps: int = 100
     eval_interval: int = 25
     eval_subset: int = 200
     grpo: GRPOConfig = field(
@@ -141,14 +153,22 @@ class DemoConfig:
 
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(
-            num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352,
-            vocab_size=CharTokenizer().vocab_size, max_sequence_length=24,
+            num_layers=4,
+            hidden_size=128,
+            num_attention_heads=4,
+            ffn_hidden_size=352,
+            vocab_size=CharTokenizer().vocab_size,
+            max_sequence_length=24,
         )
     )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=1, alpha=1.0))
     select: SelectionConfig = field(default_factory=SelectionConfig)
-    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(method="probe_residual", probe=ProbeConfig(steps=20, lr=3e-3)))
+    score: ScoreConfig = field(
+        default_factory=lambda: ScoreConfig(
+            method="probe_residual", probe=ProbeConfig(steps=20, lr=3e-3)
+        )
+    )
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)

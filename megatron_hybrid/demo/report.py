@@ -10,7 +10,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["write_report", "summarize", "paired"]
+__all__ = ["paired", "summarize", "write_report"]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -54,6 +54,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             "trainable_params": statistics.fmean(r["trainable_params"] for r in rs),
             "optimizer_state_bytes": statistics.fmean(r["optimizer_state_bytes"] for r in rs),
             "peak_memory_bytes": statistics.fmean(r["peak_memory_bytes"] for r in rs),
+            "training_state_bytes": statistics.fmean(r.get("training_state_bytes", 0) for r in rs),
         }
     return out
 
@@ -68,21 +69,31 @@ def _markdown(data: dict) -> str:
     runs = data["runs"]
     summary = summarize(runs)
     lines = ["# megatron-hybrid benchmark", ""]
-    lines.append(f"Total wall time: {data['total_wall_time_s'] / 60:.1f} min. Seeds are shared across modes; paired "
-                 "differences are mean +- standard error over seeds.")
+    lines.append(
+        f"Total wall time: {data['total_wall_time_s'] / 60:.1f} min. Seeds are shared across modes; paired "
+        "differences are mean +- standard error over seeds. Training state = parameters + "
+        "gradients of trainables + optimizer state; peak memory is CUDA peak allocation on GPU "
+        "and the peak RSS increase on CPU (a lower bound: memory freed by earlier runs is reused)."
+    )
     for stage, modes in summary.items():
         lines += ["", f"## Stage: {stage}", ""]
-        lines.append("| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | wall time (s) | trainable params | optimizer state (MiB) | peak memory (MiB) |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append(
+            "| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | wall time (s) | trainable params | optimizer state (MiB) | training state (MiB) | peak memory (MiB) |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         gap, gap_se, _ = paired(runs, stage, "fft", "lora")
         for mode, s in modes.items():
             vf = paired(runs, stage, mode, "fft")
             vl = paired(runs, stage, mode, "lora")
-            closed = "-" if mode in ("fft", "lora") or math.isnan(gap) or abs(gap) < 1e-12 else f"{100 * vl[0] / gap:.0f}%"
+            closed = (
+                "-"
+                if mode in ("fft", "lora") or math.isnan(gap) or abs(gap) < 1e-12
+                else f"{100 * vl[0] / gap:.0f}%"
+            )
             lines.append(
                 f"| {mode} | {s['acc_mean']:.3f} +- {s['acc_sd']:.3f} (n={s['n']}) | {_fmt_pair(vf[0], vf[1]) if mode != 'fft' else '-'} | "
                 f"{_fmt_pair(vl[0], vl[1]) if mode != 'lora' else '-'} | {closed} | {s['wall_time_s']:.1f} | "
-                f"{s['trainable_params']:,.0f} | {s['optimizer_state_bytes'] / 2**20:.2f} | {s['peak_memory_bytes'] / 2**20:.1f} |"
+                f"{s['trainable_params']:,.0f} | {s['optimizer_state_bytes'] / 2**20:.2f} | {s['training_state_bytes'] / 2**20:.2f} | {s['peak_memory_bytes'] / 2**20:.1f} |"
             )
         if not math.isnan(gap):
             sig = "" if math.isnan(gap_se) or gap_se == 0 else f" = {gap / gap_se:.1f} paired SE"
@@ -99,7 +110,11 @@ def _markdown(data: dict) -> str:
             continue
         method = data["config"]["score"]["method"]
         top = sorted(table.items(), key=lambda kv: -kv[1].get(method, 0))[:4]
-        lines += ["", f"Top modules by {method} at the base ({stage} data): " + ", ".join(f"{n} ({v.get(method, 0):.3g})" for n, v in top)]
+        lines += [
+            "",
+            f"Top modules by {method} at the base ({stage} data): "
+            + ", ".join(f"{n} ({v.get(method, 0):.3g})" for n, v in top),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ from megatron_hybrid.train.step import (
     wrap_ddp,
 )
 
-__all__ = ["ProblemSet", "RunResult", "run_demo", "make_problem_set"]
+__all__ = ["ProblemSet", "RunResult", "make_problem_set", "run_demo"]
 
 
 @dataclass
@@ -52,7 +52,9 @@ class ProblemSet:
     test: list[tuple[str, str]]
 
 
-def make_problem_set(task: ArithTask, test_size: int, val_size: int, seed: int = 12345) -> ProblemSet:
+def make_problem_set(
+    task: ArithTask, test_size: int, val_size: int, seed: int = 12345
+) -> ProblemSet:
     """Enumerate small problem spaces and split them; sample large ones (test/val disjoint from train)."""
     gen = torch.Generator().manual_seed(seed)
     if task.space_size() <= 200_000:
@@ -60,8 +62,14 @@ def make_problem_set(task: ArithTask, test_size: int, val_size: int, seed: int =
         order = torch.randperm(len(pairs), generator=gen).tolist()
         pairs = [pairs[i] for i in order]
         if test_size + val_size >= len(pairs):
-            raise ValueError(f"test_size + val_size ({test_size + val_size}) >= {len(pairs)} problems")
-        return ProblemSet(pairs[test_size + val_size :], pairs[test_size : test_size + val_size], pairs[:test_size])
+            raise ValueError(
+                f"test_size + val_size ({test_size + val_size}) >= {len(pairs)} problems"
+            )
+        return ProblemSet(
+            pairs[test_size + val_size :],
+            pairs[test_size : test_size + val_size],
+            pairs[:test_size],
+        )
     held = task.sample(test_size + val_size, gen)
     return ProblemSet([], held[test_size:], held[:test_size])
 
@@ -81,6 +89,10 @@ class RunResult:
     trainable_params: int
     optimizer_state_bytes: int
     peak_memory_bytes: int
+    """CUDA: peak allocated during the run. CPU: peak RSS increase during the run (a lower bound:
+    the allocator reuses memory freed by earlier runs)."""
+    training_state_bytes: int = 0
+    """Parameters + gradients of trainables + optimizer state, counted exactly (all ranks)."""
     fft_modules: list[str] = field(default_factory=list)
 
 
@@ -123,7 +135,11 @@ def optimizer_state_bytes(optimizer) -> int:
     for opt in inner:
         torch_opt = getattr(opt, "optimizer", opt)
         for state in torch_opt.state.values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+            total += sum(
+                v.numel() * v.element_size()
+                for v in state.values()
+                if torch.is_tensor(v) and v.dim() > 0
+            )
     return total
 
 
@@ -136,15 +152,21 @@ def _mp_sum(value: int) -> int:
 
 
 def _digest(*objs) -> str:
-    return hashlib.sha256(json.dumps([asdict(o) if hasattr(o, "__dataclass_fields__") else o for o in objs], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(
+        json.dumps(
+            [asdict(o) if hasattr(o, "__dataclass_fields__") else o for o in objs],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:12]
 
 
 class Demo:
     """State shared by the runs of one benchmark (base weights, tokenizer, score tables)."""
 
-    def __init__(self, cfg: DemoConfig, printer: Callable[[str], None]) -> None:
+    def __init__(self, cfg: DemoConfig, printer: Callable[[str], None], tokenizer=None) -> None:
         self.cfg = cfg
-        self.tok = CharTokenizer()
+        self.tok = tokenizer or CharTokenizer()
         self.say = printer
         self.rank0 = dist.get_rank() == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -167,7 +189,9 @@ class Demo:
                 missing = c.load_state_dict(self.base_state[i], strict=False)
                 bad = [k for k in missing.missing_keys if not k.endswith("_extra_state")]
                 if bad or missing.unexpected_keys:
-                    raise RuntimeError(f"base state does not fit the model: missing {bad}, unexpected {missing.unexpected_keys}")
+                    raise RuntimeError(
+                        f"base state does not fit the model: missing {bad}, unexpected {missing.unexpected_keys}"
+                    )
         return chunks
 
     def encode(self, pairs):
@@ -175,8 +199,13 @@ class Demo:
 
     def accuracy(self, chunks, pairs) -> float:
         return greedy_accuracy(
-            chunks, self.encode(pairs), decode=self.tok.decode, stop_token=self.tok.eos_id,
-            vocab_size=self.tok.vocab_size, max_new_tokens=self.cfg.grpo.grpo.sampling.max_new_tokens,
+            chunks,
+            self.encode(pairs),
+            decode=self.tok.decode,
+            stop_token=self.tok.eos_id,
+            vocab_size=self.tok.vocab_size,
+            max_new_tokens=self.cfg.grpo.grpo.sampling.max_new_tokens,
+            reward="math" if self.cfg.grpo.grpo.reward == "math" else "exact_int",
         )
 
     def sft_batches(self, pairs, batch_size: int, seed: int):
@@ -185,7 +214,9 @@ class Demo:
         def draw():
             idx = torch.randint(0, len(pairs), (batch_size,), generator=gen).tolist()
             batch = make_sft_batch([pairs[i] for i in idx], self.tok, self.cfg.seq_length)
-            return global_batch_shard(batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size)
+            return global_batch_shard(
+                batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size
+            )
 
         return draw
 
@@ -203,10 +234,17 @@ class Demo:
             self.base_state = torch.load(path, weights_only=True)
             self.say(f"base model: loaded from cache {path.parent} ({key})")
             return
-        self.say(f"base model: supervised warm-up on {cfg.warmup.task.op} ({cfg.warmup.steps} steps) ...")
+        self.say(
+            f"base model: supervised warm-up on {cfg.warmup.task.op} ({cfg.warmup.steps} steps) ..."
+        )
         chunks = build_model(cfg.model, cfg.parallel)
         ddp = wrap_ddp(chunks)
-        optim = OptimConfig(lr=cfg.warmup.lr, warmup_steps=min(50, cfg.warmup.steps // 10), decay="cosine", min_lr_ratio=0.1)
+        optim = OptimConfig(
+            lr=cfg.warmup.lr,
+            warmup_steps=min(50, cfg.warmup.steps // 10),
+            decay="cosine",
+            min_lr_ratio=0.1,
+        )
         opt = build_optimizer(ddp, optim)
         draw = self._sampled_batches(cfg.warmup.task, cfg.warmup.batch_size, cfg.warmup.seed)
         t0 = time.perf_counter()
@@ -216,9 +254,18 @@ class Demo:
             ok, _, _ = opt.step()
             if not ok:
                 raise RuntimeError(f"warm-up step {step}: non-finite gradients")
-        self.base_state = [{k: v.detach().clone() for k, v in c.module.state_dict().items() if not k.endswith("_extra_state")} for c in ddp]
+        self.base_state = [
+            {
+                k: v.detach().clone()
+                for k, v in c.module.state_dict().items()
+                if not k.endswith("_extra_state")
+            }
+            for c in ddp
+        ]
         acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
-        self.say(f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}")
+        self.say(
+            f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
+        )
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(self.base_state, tmp)
@@ -229,7 +276,9 @@ class Demo:
 
         def draw():
             batch = make_sft_batch(task.sample(batch_size, gen), self.tok, self.cfg.seq_length)
-            return global_batch_shard(batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size)
+            return global_batch_shard(
+                batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size
+            )
 
         return draw
 
@@ -251,7 +300,9 @@ class Demo:
             sc = ScoreConfig(**{**asdict(cfg.score), "method": method, "probe": cfg.score.probe})
             for m in score_modules(chunks, batches, sc, cfg.lora.rank):
                 table.setdefault(m.name, {"params": m.params}).update(m.scores)
-        self.say(f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at the base")
+        self.say(
+            f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at the base"
+        )
         return table
 
     def plan_for(self, mode: str, table: dict[str, dict], seed: int) -> HybridPlan:
@@ -263,13 +314,27 @@ class Demo:
             return HybridPlan({n: ModuleDecision("lora") for n in names}, lora=cfg.lora, seed=seed)
         key = {"hybrid": cfg.score.method, "hybrid-gradnorm": "grad_norm"}.get(mode)
         scores = {n: (table[n][key] if key else seeded_uniform(n, seed)) for n in names}
-        fft = set(select_fft_modules([Candidate(n, table[n]["params"], scores[n]) for n in names], cfg.select))
+        fft = set(
+            select_fft_modules(
+                [Candidate(n, table[n]["params"], scores[n]) for n in names], cfg.select
+            )
+        )
         return HybridPlan(
-            {n: ModuleDecision("fft" if n in fft else "lora") for n in names}, lora=cfg.lora, seed=seed
+            {n: ModuleDecision("fft" if n in fft else "lora") for n in names},
+            lora=cfg.lora,
+            seed=seed,
         )
 
     # -- runs --------------------------------------------------------------------------------------
-    def run(self, stage: str, mode: str, seed: int, problems: ProblemSet, plan: HybridPlan, mode_optim: ModeOptim) -> RunResult:
+    def run(
+        self,
+        stage: str,
+        mode: str,
+        seed: int,
+        problems: ProblemSet,
+        plan: HybridPlan,
+        mode_optim: ModeOptim,
+    ) -> RunResult:
         cfg = self.cfg
         stage_cfg = cfg.sft if stage == "sft" else cfg.grpo
         torch.manual_seed(seed)
@@ -277,11 +342,17 @@ class Demo:
             t0 = time.perf_counter()
             chunks = self.fresh_model()
             summary = apply_hybrid_plan(chunks, plan)
-            reference = ReferencePolicy(chunks) if stage == "grpo" and cfg.grpo.grpo.loss.kl_coef > 0 else None
+            reference = (
+                ReferencePolicy(chunks)
+                if stage == "grpo" and cfg.grpo.grpo.loss.kl_coef > 0
+                else None
+            )
             ddp = wrap_ddp(chunks)
             optim = OptimConfig(
-                lr=mode_optim.lr, lora_lr_mult=mode_optim.lora_lr_mult,
-                warmup_steps=getattr(stage_cfg, "warmup_steps", 0), decay="cosine" if stage == "sft" else "constant",
+                lr=mode_optim.lr,
+                lora_lr_mult=mode_optim.lora_lr_mult,
+                warmup_steps=getattr(stage_cfg, "warmup_steps", 0),
+                decay="cosine" if stage == "sft" else "constant",
             )
             opt = build_optimizer(ddp, optim)
             subset = problems.test[: stage_cfg.eval_subset]
@@ -309,12 +380,25 @@ class Demo:
                 encoded = self.encode(problems.train)
                 per_rank = g.prompts_per_step // self.dp_size
                 for step in range(1, cfg.grpo.steps + 1):
-                    idx = torch.randint(0, len(encoded), (g.prompts_per_step,), generator=gen).tolist()
-                    mine = [encoded[i] for i in idx][self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+                    idx = torch.randint(
+                        0, len(encoded), (g.prompts_per_step,), generator=gen
+                    ).tolist()
+                    mine = [encoded[i] for i in idx][
+                        self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank
+                    ]
                     stats = grpo_step(
-                        ddp, opt, mine, g, decode=self.tok.decode, stop_token=self.tok.eos_id,
-                        vocab_size=self.tok.vocab_size, seed=seed * 100_003 + step * 7 + self.dp_rank,
-                        optim=optim, step=step - 1, total_steps=cfg.grpo.steps, reference=reference,
+                        ddp,
+                        opt,
+                        mine,
+                        g,
+                        decode=self.tok.decode,
+                        stop_token=self.tok.eos_id,
+                        vocab_size=self.tok.vocab_size,
+                        seed=seed * 100_003 + step * 7 + self.dp_rank,
+                        optim=optim,
+                        step=step - 1,
+                        total_steps=cfg.grpo.steps,
+                        reference=reference,
                     )
                     reward_curve.append([step, stats.reward_mean])
                     if stats.loss is not None:
@@ -328,12 +412,31 @@ class Demo:
             acc_curve.append([steps, self.accuracy(ddp, subset)])
             wall = time.perf_counter() - t0
             opt_bytes = _mp_sum(optimizer_state_bytes(opt))
+            state_bytes = (
+                _mp_sum(
+                    sum(
+                        p.numel() * p.element_size() * (2 if p.requires_grad else 1)
+                        for c in ddp
+                        for p in c.module.parameters()
+                    )
+                )
+                + opt_bytes
+            )
         self._scalar(f"{tag}/final_heldout_accuracy", final, steps)
         return RunResult(
-            mode=mode, stage=stage, seed=seed, final_heldout_accuracy=final, reward_curve=reward_curve,
-            accuracy_curve=acc_curve, loss_curve=loss_curve, wall_time_s=wall,
-            trainable_params=summary.trainable_params, optimizer_state_bytes=opt_bytes,
-            peak_memory_bytes=int(mem.peak), fft_modules=plan.names("fft") if mode != "fft" else [],
+            mode=mode,
+            stage=stage,
+            seed=seed,
+            final_heldout_accuracy=final,
+            reward_curve=reward_curve,
+            accuracy_curve=acc_curve,
+            loss_curve=loss_curve,
+            wall_time_s=wall,
+            trainable_params=summary.trainable_params,
+            optimizer_state_bytes=opt_bytes,
+            peak_memory_bytes=int(mem.peak),
+            training_state_bytes=state_bytes,
+            fft_modules=plan.names("fft") if mode != "fft" else [],
         )
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
@@ -341,7 +444,9 @@ class Demo:
             self.writer.add_scalar(tag, value, step)
 
 
-def run_demo(cfg: DemoConfig, *, printer: Callable[[str], None] = print, progress: bool = True) -> dict:
+def run_demo(
+    cfg: DemoConfig, *, printer: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     """Run the benchmark; writes results.json, report.md and report.png under ``cfg.out``."""
     from megatron_hybrid.demo.report import write_report
 
@@ -375,11 +480,18 @@ def run_demo(cfg: DemoConfig, *, printer: Callable[[str], None] = print, progres
                     results.append(res)
                     if bar is not None:
                         bar.update(1)
-                        bar.write(f"  {stage:4s} {mode:16s} seed {seed}: held-out accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)")
+                        bar.write(
+                            f"  {stage:4s} {mode:16s} seed {seed}: held-out accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
+                        )
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        out = {"config": _jsonable(asdict(cfg)), "total_wall_time_s": elapsed, "plans": plans_used, "runs": [asdict(r) for r in results]}
+        out = {
+            "config": _jsonable(asdict(cfg)),
+            "total_wall_time_s": elapsed,
+            "plans": plans_used,
+            "runs": [asdict(r) for r in results],
+        }
         if rank0:
             paths = write_report(out, Path(cfg.out))
             say(f"benchmark done in {elapsed / 60:.1f} min: " + ", ".join(str(p) for p in paths))
@@ -398,4 +510,3 @@ def _jsonable(obj):
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     return obj
-

@@ -60,7 +60,11 @@ class GRPOConfig:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.loss, dict):
-            self.loss = PolicyLossConfig(**self.loss)
+            loss = dict(self.loss)
+            if loss.get("loss") == "dr_grpo" and loss.get("max_response_length") is None:
+                # Dr.GRPO's constant normaliser: the longest completion the sampler can produce.
+                loss["max_response_length"] = self.sampling.max_new_tokens
+            self.loss = PolicyLossConfig(**loss)
         for key in ("prompts_per_step", "group_size", "micro_batch_size", "updates_per_rollout"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -124,7 +128,7 @@ def _policy_forward_step(loss_cfg: PolicyLossConfig, data_iterator, model):
     return nll, loss_func
 
 
-def _split(
+def make_micro_batches(
     rollout: Rollout, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None, mbs: int
 ) -> list[RLBatch]:
     tokens = rollout.tokens
@@ -156,6 +160,35 @@ def _split(
             )
         )
     return out
+
+
+def policy_update(
+    ddp_chunks: Sequence[torch.nn.Module],
+    optimizer,
+    micro: Sequence[RLBatch],
+    loss_cfg: PolicyLossConfig,
+    optim: OptimConfig,
+    step: int,
+    total_steps: int,
+) -> tuple[float | None, dict[str, float]]:
+    """One optimizer step of the clipped policy loss over this DP rank's micro-batches.
+
+    Returns the loss (normalised by this rank's count; None off the last stage) and mean metrics.
+    """
+    for c in ddp_chunks:
+        c.zero_grad_buffer()
+    reports = run_schedule(ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg))
+    set_learning_rate(optimizer, optim, step, total_steps)
+    ok, _, _ = optimizer.step()
+    if not ok:
+        raise RuntimeError(f"policy step {step}: optimizer step skipped (non-finite gradients)")
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None, {}
+    tot = torch.stack([r["loss"] for r in reports]).sum(0)
+    metrics = {
+        k: float(torch.stack([r[k] for r in reports]).mean()) for k in reports[0] if k != "loss"
+    }
+    return float(tot[0] / tot[1].clamp(min=1)), metrics
 
 
 def _dp_sum(values: Sequence[float]) -> list[float]:
@@ -217,36 +250,21 @@ def grpo_step(
     for c in ddp_chunks:
         c.train()
 
-    loss_value = None
-    metrics: dict[str, float] = {}
     if bool(keep.any()):
         idx = keep.nonzero().squeeze(1)
         kept = Rollout(rollout.tokens[idx], rollout.prompt_lengths[idx], rollout.lengths[idx])
-        micro = _split(
+        micro = make_micro_batches(
             kept, old[idx], adv[idx], None if ref is None else ref[idx], cfg.micro_batch_size
         )
     else:
         micro = []
+    loss_value, metrics = None, {}
     # Every DP rank must run the same number of schedule calls (DDP all-reduces inside).
-    has_data = _dp_sum([1.0 if micro else 0.0])[0]
-    for update in range(cfg.updates_per_rollout):
-        if has_data < parallel_state.get_data_parallel_world_size():
-            break  # a rank filtered out all its groups; skip the update everywhere
-        for c in ddp_chunks:
-            c.zero_grad_buffer()
-        reports = run_schedule(
-            ddp_chunks, micro, forward_step=partial(_policy_forward_step, cfg.loss)
-        )
-        set_learning_rate(optimizer, optim, step, total_steps)
-        ok, _, _ = optimizer.step()
-        if not ok:
-            raise RuntimeError(f"GRPO step {step}: optimizer step skipped (non-finite gradients)")
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and update == 0:
-            tot = torch.stack([r["loss"] for r in reports]).sum(0)
-            loss_value = float(tot[0] / tot[1].clamp(min=1))
-            for key in reports[0]:
-                if key != "loss":
-                    metrics[key] = float(torch.stack([r[key] for r in reports]).mean())
+    if _dp_sum([1.0 if micro else 0.0])[0] == parallel_state.get_data_parallel_world_size():
+        for update in range(cfg.updates_per_rollout):
+            lv, mv = policy_update(ddp_chunks, optimizer, micro, cfg.loss, optim, step, total_steps)
+            if update == 0:
+                loss_value, metrics = lv, mv
     n = len(texts)
     total_reward, exact, n_all, errs, tos, kept_g = _dp_sum(
         [

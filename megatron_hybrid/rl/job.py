@@ -1,0 +1,161 @@
+"""``megatron-hybrid sft`` / ``megatron-hybrid grpo``: post-train one mode on your own data.
+
+Run::
+
+    megatron-hybrid grpo --data my.jsonl --prompt-field q --answer-field a --mode hybrid
+    megatron-hybrid sft --data train.parquet --mode lora sft.steps=200
+    torchrun --nproc_per_node 2 -m megatron_hybrid.cli grpo --data my.jsonl parallel.tensor_model_parallel_size=2
+
+Rows need a prompt and an answer (an integer, or a math expression with ``grpo.grpo.reward=math``).
+A held-out fraction of the rows is used for the final greedy accuracy. The model starts from
+random weights unless ``init_checkpoint`` points to a Megatron checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_hybrid.data.datasets import DataConfig, load_prompt_datasets
+from megatron_hybrid.data.tokenizers import build_tokenizer
+from megatron_hybrid.demo.config import MODES, DemoConfig, GRPOStageConfig, SFTStageConfig
+from megatron_hybrid.models.config import ModelConfig
+from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
+from megatron_hybrid.scoring.run import ScoreConfig
+from megatron_hybrid.scoring.selection import SelectionConfig
+
+__all__ = ["PostTrainConfig", "run_posttrain"]
+
+
+@dataclass
+class PostTrainConfig:
+    """One mode, one seed, on a local dataset."""
+
+    data: DataConfig | None = None
+    """The dataset (``--data``, ``--prompt-field``, ``--answer-field``); set ``holdout_fraction``."""
+    tokenizer: str = "char:auto"
+    """``char`` (arithmetic alphabet), ``char:auto`` (alphabet of the data) or a local HF tokenizer directory."""
+    mode: str = "hybrid"
+    """One of fft, lora, hybrid, hybrid-random, hybrid-gradnorm."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(max_sequence_length=64))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=4, alpha=8.0))
+    select: SelectionConfig = field(default_factory=SelectionConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    sft: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(steps=200, eval_interval=50))
+    grpo: GRPOStageConfig = field(
+        default_factory=lambda: GRPOStageConfig(steps=50, eval_interval=10)
+    )
+    seq_length: int = 64
+    init_checkpoint: str | None = None
+    """A base checkpoint (``megatron-hybrid convert-hf`` output); None starts from random weights."""
+    out: str = "runs/posttrain"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.data is None:
+            raise ValueError("data.path is required (--data FILE)")
+        if not self.data.holdout_fraction:
+            self.data.holdout_fraction = 0.1
+
+
+def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
+    """Train ``cfg.mode`` with ``stage`` (``sft`` or ``grpo``); writes ``<out>/result.json``."""
+    from megatron_hybrid.demo.runner import Demo, ProblemSet
+
+    if stage not in ("sft", "grpo"):
+        raise ValueError(f"stage must be 'sft' or 'grpo', got {stage!r}")
+    train, holdout = load_prompt_datasets(cfg.data)
+    if holdout is None or len(holdout) == 0:
+        raise ValueError("data.holdout_fraction must leave some rows for evaluation")
+    pairs = [train[i] for i in range(len(train))]
+    test = [holdout[i] for i in range(len(holdout))]
+    tok = build_tokenizer(cfg.tokenizer, (t for pair in pairs + test for t in pair))
+    model = cfg.model
+    if model.vocab_size < tok.vocab_size:
+        model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
+    demo_cfg = DemoConfig(
+        model=model,
+        parallel=cfg.parallel,
+        lora=cfg.lora,
+        select=cfg.select,
+        score=cfg.score,
+        sft=cfg.sft,
+        grpo=cfg.grpo,
+        modes=[cfg.mode],
+        seeds=[cfg.seed],
+        seq_length=cfg.seq_length,
+        out=cfg.out,
+        tensorboard=True,
+    )
+    demo_cfg.sft.eval_subset = min(demo_cfg.sft.eval_subset, len(test))
+    demo_cfg.grpo.eval_subset = min(demo_cfg.grpo.eval_subset, len(test))
+    initialize_runtime(cfg.parallel, seed=cfg.seed)
+    try:
+        rank0 = dist.get_rank() == 0
+        say = printer if rank0 else (lambda *_a, **_k: None)
+        demo = Demo(demo_cfg, say, tokenizer=tok)
+        if cfg.init_checkpoint:
+            demo.base_state = _load_init_checkpoint(cfg, demo)
+        problems = ProblemSet(train=pairs, val=[], test=test)
+        say(
+            f"{stage} / {cfg.mode} on {cfg.data.path}: {len(pairs)} training rows, {len(test)} held out"
+        )
+        table = demo.score_table(problems, stage) if cfg.mode.startswith("hybrid") else {}
+        if not table:
+            table = _candidate_table(demo)
+        plan = demo.plan_for(cfg.mode, table, cfg.seed)
+        result = demo.run(
+            stage, cfg.mode, cfg.seed, problems, plan, getattr(demo_cfg, stage).modes[cfg.mode]
+        )
+        out = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "result": asdict(result)}
+        if rank0:
+            path = Path(cfg.out)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "result.json").write_text(json.dumps(out, indent=1) + "\n")
+            say(
+                f"held-out accuracy {result.final_heldout_accuracy:.3f} ({result.wall_time_s:.0f} s); "
+                f"trainable parameters {result.trainable_params:,}; wrote {path / 'result.json'}"
+            )
+        return out
+    finally:
+        destroy_runtime()
+
+
+def _candidate_table(demo) -> dict[str, dict]:
+    """Candidate names and sizes without scoring (fft / lora modes)."""
+    from megatron.core import parallel_state
+
+    from megatron_hybrid.scoring.run import local_candidates
+
+    chunks = demo.fresh_model()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local = {}
+    for ref in local_candidates(chunks):
+        out_l, in_l = ref.module.weight.shape
+        local[ref.name] = {"params": out_l * in_l * tp}  # one dimension is sharded either way
+    gathered: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(
+        gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _load_init_checkpoint(cfg: PostTrainConfig, demo) -> list[dict]:
+    """Local state dicts of the base model from a Megatron checkpoint directory."""
+    try:
+        from megatron_hybrid.checkpoint import load_base_model
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"init_checkpoint needs the checkpoint package: {e}") from None
+    chunks = demo.fresh_model()
+    load_base_model(chunks, cfg.init_checkpoint)
+    return [
+        {k: v.detach().clone() for k, v in c.state_dict().items() if not k.endswith("_extra_state")}
+        for c in chunks
+    ]
