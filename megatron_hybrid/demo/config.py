@@ -191,7 +191,8 @@ class DemoConfig:
 def quick_overrides() -> list[str]:
     """The ``--quick`` preset: a few minutes on 2 CPU cores (a smoke test, not a benchmark)."""
     return [
-        "warmup.steps=300",
+        "warmup.steps=200",
+        "warmup.batch_size=64",
         "seeds=[0]",
         "sft.steps=60",
         "sft.eval_interval=30",

@@ -32,7 +32,9 @@ BatchSource = Callable[[int], Sequence[Batch]]
 
 
 @contextlib.contextmanager
-def _only_trainable(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+def _only_trainable(
+    chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn.Parameter]
+) -> Iterator[None]:
     """Inside the block exactly ``params`` require grad; flags, grads and config restored after."""
     all_params = [p for c in chunks for p in c.parameters()]
     flags = [p.requires_grad for p in all_params]
@@ -54,7 +56,9 @@ def _only_trainable(chunks: Sequence[torch.nn.Module], params: Sequence[torch.nn
         for p, f, g in zip(all_params, flags, grads):
             p.requires_grad_(f)
             p.grad = g
-        config.finalize_model_grads_func, config.calculate_per_token_loss, config.no_sync_func = saved
+        config.finalize_model_grads_func, config.calculate_per_token_loss, config.no_sync_func = (
+            saved
+        )
 
 
 def _token_count(micro_batches: Sequence[Batch]) -> torch.Tensor:
@@ -65,7 +69,9 @@ def _token_count(micro_batches: Sequence[Batch]) -> torch.Tensor:
     return total
 
 
-def _mean_grads_over_dp(params: Sequence[torch.nn.Parameter], tokens: torch.Tensor) -> list[torch.Tensor]:
+def _mean_grads_over_dp(
+    params: Sequence[torch.nn.Parameter], tokens: torch.Tensor
+) -> list[torch.Tensor]:
     """Per-token-mean gradients, summed over data-parallel ranks (the global-batch gradient)."""
     dp = parallel_state.get_data_parallel_group()
     out = []
@@ -89,6 +95,7 @@ def accumulate_gradients(
     num_batches: int,
     *,
     progress: Callable[[int], None] | None = None,
+    forward_step: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """``G = sum_k grad_k`` for each module's weight on this rank (local shard, fp32).
 
@@ -98,6 +105,8 @@ def accumulate_gradients(
         batches: ``batches(k)`` gives this DP rank's micro-batches of calibration step k.
         num_batches: K >= 1.
         progress: called after each calibration step with k (for progress bars).
+        forward_step: Megatron forward-step function for the objective (default: next-token
+            loss on :class:`~megatron_hybrid.train.step.Batch`; the GRPO objective passes its own).
 
     Returns:
         global name -> gradient shard, shaped like the local weight (rows sharded for
@@ -115,7 +124,7 @@ def accumulate_gradients(
             micro = batches(k)
             for w in weights:
                 w.grad = None
-            run_schedule(chunks, micro)
+            run_schedule(chunks, micro, forward_step=forward_step)
             grads = _mean_grads_over_dp(weights, _token_count(micro))
             for m, g in zip(modules, grads):
                 _check_finite(m.name, g, f"the gradient of calibration batch {k}")
@@ -152,8 +161,12 @@ class ProbeConfig:
             raise ValueError(f"score.probe.steps must be a positive integer, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"score.probe.lr must be > 0, got {self.lr!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"score.probe.group_size must be a positive integer or null, got {self.group_size!r}")
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(
+                f"score.probe.group_size must be a positive integer or null, got {self.group_size!r}"
+            )
         betas = self.betas
         pair = isinstance(betas, (list, tuple)) and len(betas) == 2
         if not pair or not all(_in_unit(b) for b in betas):
@@ -188,6 +201,7 @@ def probe_weight_deltas(
     cfg: ProbeConfig,
     *,
     progress: Callable[[int], None] | None = None,
+    forward_step: Callable | None = None,
 ) -> ProbeResult:
     """Run the FFT probe group by group; restore every base weight bitwise afterwards.
 
@@ -205,14 +219,16 @@ def probe_weight_deltas(
         weights = [_weight(m) for m in refs]
         base = [w.detach().clone() for w in weights]
         masters = [b.float().clone().requires_grad_(True) for b in base]
-        opt = torch.optim.AdamW(masters, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            masters, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
         try:
             with _only_trainable(chunks, weights):
                 for step in range(cfg.steps):
                     micro = batches(step)
                     for w in weights:
                         w.grad = None
-                    run_schedule(chunks, micro)
+                    run_schedule(chunks, micro, forward_step=forward_step)
                     grads = _mean_grads_over_dp(weights, _token_count(micro))
                     for m, master, g in zip(refs, masters, grads):
                         _check_finite(m.name, g, f"the probe gradient at step {step}")
@@ -225,7 +241,7 @@ def probe_weight_deltas(
                     if progress is not None:
                         progress(done)
             for m, master, b in zip(refs, masters, base):
-                deltas[m.name] = (master.detach() - b.float())
+                deltas[m.name] = master.detach() - b.float()
                 state = opt.state[master]
                 m1, v = state["exp_avg"], state["exp_avg_sq"]
                 # Bias-corrected moments, as the update uses them.
@@ -239,4 +255,3 @@ def probe_weight_deltas(
                     w.copy_(b)
             del opt, masters
     return ProbeResult(delta=deltas, epd_local=epd)
-

@@ -18,9 +18,16 @@ from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.rl.grpo import GRPOConfig
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
 from megatron_hybrid.scoring.plan_io import PlanArtifact, model_fingerprint, save_plan
-from megatron_hybrid.scoring.run import ScoreConfig, describe, plan_entries, score_modules, select_and_check
+from megatron_hybrid.scoring.run import (
+    ScoreConfig,
+    describe,
+    plan_entries,
+    score_modules,
+    select_and_check,
+)
 from megatron_hybrid.scoring.selection import SelectionConfig
 from megatron_hybrid.train.quickstart import RunConfig, global_batch_shard
 
@@ -31,7 +38,9 @@ __all__ = ["ScoreJobConfig", "run_score_job", "task_batch_source"]
 class ScoreJobConfig:
     """Sections of ``megatron-hybrid score`` (YAML keys of the same names)."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=CharTokenizer().vocab_size))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(vocab_size=CharTokenizer().vocab_size)
+    )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=4, alpha=8.0))
     """The adapters the non-selected modules will get (rank r also sets the residual's r)."""
@@ -39,6 +48,12 @@ class ScoreJobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectionConfig = field(default_factory=SelectionConfig)
+    grpo: GRPOConfig = field(
+        default_factory=lambda: GRPOConfig(
+            prompts_per_step=16, group_size=8, reward="digit_partial"
+        )
+    )
+    """Rollout settings for ``score.objective: policy_gradient``."""
     out: str = "plan.json"
     """Where the plan artifact is written (atomically, by global rank 0)."""
 
@@ -57,26 +72,67 @@ def task_batch_source(task: ArithTask, run: RunConfig, seed_offset: int = 7919):
     return batches
 
 
-def run_score_job(cfg: ScoreJobConfig, *, printer=print, show_progress: bool = True) -> PlanArtifact:
+def _policy_gradient_source(chunks, cfg: ScoreJobConfig):
+    """Rollouts of the built-in task for the ``policy_gradient`` objective."""
+    from megatron_hybrid.scoring.objectives import policy_gradient_source
+
+    tok = CharTokenizer()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    per_rank = max(cfg.grpo.prompts_per_step // dp_size, 1)
+
+    def prompts(k: int):
+        gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 104_729 + k)
+        pairs = cfg.task.sample(per_rank * dp_size, gen)[
+            dp_rank * per_rank : (dp_rank + 1) * per_rank
+        ]
+        return [(tok.encode(p), a) for p, a in pairs]
+
+    return policy_gradient_source(
+        chunks,
+        prompts,
+        cfg.grpo,
+        decode=tok.decode,
+        stop_token=tok.eos_id,
+        vocab_size=tok.vocab_size,
+        seed=cfg.run.seed,
+    )
+
+
+def run_score_job(
+    cfg: ScoreJobConfig, *, printer=print, show_progress: bool = True
+) -> PlanArtifact:
     """Build the model, score, select, write the plan; returns the artifact on every rank."""
     initialize_runtime(cfg.parallel, seed=cfg.run.seed)
     try:
         chunks = build_model(cfg.model, cfg.parallel)
         rank0 = torch.distributed.get_rank() == 0
         method = cfg.score.method
-        steps = 0 if method == "random" else (cfg.score.probe.steps if method.startswith(("probe", "epd")) else cfg.score.num_batches)
+        steps = (
+            0
+            if method == "random"
+            else (
+                cfg.score.probe.steps
+                if method.startswith(("probe", "epd"))
+                else cfg.score.num_batches
+            )
+        )
         bar = None
         if show_progress and rank0 and steps:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc=f"score ({method})", unit="batch")
         start = time.perf_counter()
+        batches, forward_step = task_batch_source(cfg.task, cfg.run), None
+        if cfg.score.objective == "policy_gradient":
+            batches, forward_step = _policy_gradient_source(chunks, cfg)
         table = score_modules(
             chunks,
-            task_batch_source(cfg.task, cfg.run),
+            batches,
             cfg.score,
             cfg.lora.rank,
             progress=(lambda _k: bar.update(1)) if bar is not None else None,
+            forward_step=forward_step,
         )
         if bar is not None:
             bar.close()
@@ -106,7 +162,9 @@ def run_score_job(cfg: ScoreJobConfig, *, printer=print, show_progress: bool = T
         )
         if rank0:
             path = save_plan(artifact, Path(cfg.out))
-            printer(f"scored {len(table)} modules with {method} in {elapsed:.1f} s; FFT: {', '.join(fft)}")
+            printer(
+                f"scored {len(table)} modules with {method} in {elapsed:.1f} s; FFT: {', '.join(fft)}"
+            )
             printer(f"plan written to {path}")
         torch.distributed.barrier()
         return artifact

@@ -19,7 +19,14 @@ from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 
-__all__ = ["SCHEMA_VERSION", "ModuleEntry", "PlanArtifact", "model_fingerprint", "load_plan", "save_plan"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ModuleEntry",
+    "PlanArtifact",
+    "load_plan",
+    "model_fingerprint",
+    "save_plan",
+]
 
 SCHEMA_VERSION = 1
 
@@ -85,13 +92,27 @@ class PlanArtifact:
     def check_model(self, model: ModelConfig, source: str = "plan") -> None:
         """Raise ValueError naming every architecture field that differs from ``model``."""
         want = model_fingerprint(model)
-        diffs = [f"{k}: plan has {self.model.get(k)!r}, model has {v!r}" for k, v in want.items() if self.model.get(k) != v]
+        diffs = [
+            f"{k}: plan has {self.model.get(k)!r}, model has {v!r}"
+            for k, v in want.items()
+            if self.model.get(k) != v
+        ]
         if diffs:
             raise ValueError(f"{source} was made for another architecture: " + "; ".join(diffs))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        order = ["schema_version", "created_by", "model", "budget", "score", "calibration", "lora", "seed", "modules"]
+        order = [
+            "schema_version",
+            "created_by",
+            "model",
+            "budget",
+            "score",
+            "calibration",
+            "lora",
+            "seed",
+            "modules",
+        ]
         return {k: d[k] for k in order}
 
 
@@ -140,7 +161,9 @@ def load_plan(path: str | Path) -> PlanArtifact:
         raise ValueError(f"plan file {path}: top level must be an object")
     version = d.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"plan file {path} has schema_version {version!r}; this version reads {SCHEMA_VERSION}")
+        raise ValueError(
+            f"plan file {path} has schema_version {version!r}; this version reads {SCHEMA_VERSION}"
+        )
     required = ("model", "budget", "score", "calibration", "lora", "modules")
     missing = [k for k in required if k not in d]
     if missing:
@@ -152,7 +175,9 @@ def load_plan(path: str | Path) -> PlanArtifact:
         except TypeError as e:
             raise ValueError(f"plan file {path}: modules[{i}]: {e}") from None
         if entry.decision not in ("fft", "lora", "frozen"):
-            raise ValueError(f"plan file {path}: modules[{i}] ({entry.name}): unknown decision {entry.decision!r}")
+            raise ValueError(
+                f"plan file {path}: modules[{i}] ({entry.name}): unknown decision {entry.decision!r}"
+            )
         modules.append(entry)
     try:
         LoRAConfig.from_dict(d["lora"])

@@ -38,8 +38,8 @@ __all__ = [
     "ModuleScore",
     "ScoreConfig",
     "score_modules",
-    "select_and_check",
     "seeded_uniform",
+    "select_and_check",
 ]
 
 #: Scores computed from the accumulated calibration gradient G.
@@ -66,7 +66,8 @@ class ScoreConfig:
     num_batches: int = 8
     """K calibration steps for gradient scores (each a global batch of micro-batches)."""
     objective: str = "nll"
-    """``nll``: next-token loss on prompt + reference answer (answer tokens counted)."""
+    """``nll``: next-token loss on prompt + reference answer (answer tokens counted);
+    ``policy_gradient``: the GRPO loss on rollouts sampled from the base (see scoring/objectives.py)."""
     oversample: int = 8
     """Randomized solver: extra subspace columns beyond r."""
     iters: int = 4
@@ -80,17 +81,22 @@ class ScoreConfig:
         if isinstance(self.probe, dict):
             self.probe = ProbeConfig(**self.probe)
         if self.method not in SCORE_METHODS:
-            raise ValueError(f"score.method must be one of {', '.join(SCORE_METHODS)}; got {self.method!r}")
+            raise ValueError(
+                f"score.method must be one of {', '.join(SCORE_METHODS)}; got {self.method!r}"
+            )
         if self.solver not in ("auto", "exact", "randomized"):
-            raise ValueError(f"score.solver must be 'auto', 'exact' or 'randomized', got {self.solver!r}")
+            raise ValueError(
+                f"score.solver must be 'auto', 'exact' or 'randomized', got {self.solver!r}"
+            )
         if not isinstance(self.num_batches, int) or self.num_batches < 1:
-            raise ValueError(f"score.num_batches (K) must be an integer >= 1, got {self.num_batches!r}")
+            raise ValueError(
+                f"score.num_batches (K) must be an integer >= 1, got {self.num_batches!r}"
+            )
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"score.rank must be a positive integer or null, got {self.rank!r}")
-        if self.objective != "nll":
+        if self.objective not in ("nll", "policy_gradient"):
             raise ValueError(
-                f"score.objective {self.objective!r} is not available; supported: 'nll' "
-                "('policy_gradient' arrives with the GRPO trainer)"
+                f"score.objective must be 'nll' or 'policy_gradient', got {self.objective!r}"
             )
 
 
@@ -116,7 +122,8 @@ def local_candidates(chunks: Sequence[torch.nn.Module]) -> list[ModuleRef]:
     refs = [
         r
         for r in walk_modules(chunks)
-        if module_kind(r.name) in CANDIDATE_KINDS and parallel_mode_of(getattr(r.module, "base_layer", r.module))
+        if module_kind(r.name) in CANDIDATE_KINDS
+        and parallel_mode_of(getattr(r.module, "base_layer", r.module))
     ]
     return sorted(refs, key=lambda r: r.name)
 
@@ -150,6 +157,7 @@ def score_modules(
     tp_group: dist.ProcessGroup | None = None,
     pp_group: dist.ProcessGroup | None = None,
     progress: Callable[[int], None] | None = None,
+    forward_step: Callable | None = None,
 ) -> list[ModuleScore]:
     """Scores of every candidate of the whole model (all stages), on every rank.
 
@@ -169,29 +177,43 @@ def score_modules(
         base = getattr(ref.module, "base_layer", ref.module)
         mode = parallel_mode_of(base)
         shape = _full_shape(base, mode, tp)
-        local[ref.name] = ModuleScore(ref.name, module_kind(ref.name), shape, shape[0] * shape[1], {})
+        local[ref.name] = ModuleScore(
+            ref.name, module_kind(ref.name), shape, shape[0] * shape[1], {}
+        )
 
     def spectrum(mat: torch.Tensor, ref: ModuleRef) -> SpectralStats:
         mode = parallel_mode_of(getattr(ref.module, "base_layer", ref.module))
         shape = local[ref.name].shape
         k = min(r, *shape)
         stats, _ = sharded_spectral_stats(
-            mat, mode, tp_group, k, solver=pick_solver(cfg.solver, mode, shape, mat.element_size()),
-            oversample=cfg.oversample, iters=cfg.iters, seed=cfg.seed,
+            mat,
+            mode,
+            tp_group,
+            k,
+            solver=pick_solver(cfg.solver, mode, shape, mat.element_size()),
+            oversample=cfg.oversample,
+            iters=cfg.iters,
+            seed=cfg.seed,
         )
         return stats
 
     if cfg.method in GRADIENT_METHODS:
-        grads = accumulate_gradients(chunks, refs, batches, cfg.num_batches, progress=progress)
+        grads = accumulate_gradients(
+            chunks, refs, batches, cfg.num_batches, progress=progress, forward_step=forward_step
+        )
         for ref in refs:
             local[ref.name].scores.update(_spectral_scores(spectrum(grads.pop(ref.name), ref)))
     elif cfg.method in PROBE_METHODS:
-        result = probe_weight_deltas(chunks, refs, batches, cfg.probe, progress=progress)
+        result = probe_weight_deltas(
+            chunks, refs, batches, cfg.probe, progress=progress, forward_step=forward_step
+        )
         epd = torch.tensor([result.epd_local[ref.name] for ref in refs], dtype=torch.float64)
         if tp > 1 and len(refs):
             dist.all_reduce(epd, group=tp_group)
         for i, ref in enumerate(refs):
-            local[ref.name].scores.update(_spectral_scores(spectrum(result.delta.pop(ref.name), ref), "probe_"))
+            local[ref.name].scores.update(
+                _spectral_scores(spectrum(result.delta.pop(ref.name), ref), "probe_")
+            )
             local[ref.name].scores["epd"] = float(epd[i])
     for ref in refs:
         local[ref.name].scores["random"] = seeded_uniform(ref.name, cfg.seed)
@@ -206,9 +228,13 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def select_and_check(table: Sequence[ModuleScore], method: str, select: SelectionConfig) -> list[str]:
+def select_and_check(
+    table: Sequence[ModuleScore], method: str, select: SelectionConfig
+) -> list[str]:
     """The FFT selection by ``method``; verified identical on every rank (all-gather of a hash)."""
-    chosen = select_fft_modules([Candidate(m.name, m.params, m.scores[method]) for m in table], select)
+    chosen = select_fft_modules(
+        [Candidate(m.name, m.params, m.scores[method]) for m in table], select
+    )
     digest = hashlib.sha256(json.dumps(chosen).encode()).hexdigest()
     if dist.is_initialized() and dist.get_world_size() > 1:
         digests: list[str | None] = [None] * dist.get_world_size()
@@ -219,7 +245,9 @@ def select_and_check(table: Sequence[ModuleScore], method: str, select: Selectio
     return chosen
 
 
-def plan_entries(table: Sequence[ModuleScore], fft: Sequence[str], lora_rank: int) -> list[ModuleEntry]:
+def plan_entries(
+    table: Sequence[ModuleScore], fft: Sequence[str], lora_rank: int
+) -> list[ModuleEntry]:
     """Per-module plan entries: selected -> fft, the other candidates -> lora at ``lora_rank``."""
     chosen = set(fft)
     return [

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 from megatron_hybrid.peft.plan import match_pattern
 
-__all__ = ["SelectionConfig", "Candidate", "select_fft_modules"]
+__all__ = ["Candidate", "SelectionConfig", "select_fft_modules"]
 
 _LAYER_OF = "decoder.layers."
 
@@ -51,12 +51,22 @@ class SelectionConfig:
     """At most this many FFT modules in one decoder layer."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+        if (
+            isinstance(self.budget, bool)
+            or not isinstance(self.budget, (int, float))
+            or not 0 < self.budget <= 1
+        ):
             raise ValueError(f"select.budget must be in (0, 1], got {self.budget!r}")
         if self.budget_unit not in ("modules", "params"):
-            raise ValueError(f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}")
-        if self.max_per_layer is not None and (not isinstance(self.max_per_layer, int) or self.max_per_layer < 1):
-            raise ValueError(f"select.max_per_layer must be a positive integer or null, got {self.max_per_layer!r}")
+            raise ValueError(
+                f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}"
+            )
+        if self.max_per_layer is not None and (
+            not isinstance(self.max_per_layer, int) or self.max_per_layer < 1
+        ):
+            raise ValueError(
+                f"select.max_per_layer must be a positive integer or null, got {self.max_per_layer!r}"
+            )
         for key in ("always_fft", "never_fft"):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -84,7 +94,9 @@ def _check_patterns(key: str, patterns: list[str], names: list[str]) -> None:
             raise ValueError(f"select.{key}: pattern {p!r} matches no candidate module")
 
 
-def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, max_frontier: int = 200_000) -> list[str]:
+def select_fft_modules(
+    candidates: Sequence[Candidate], cfg: SelectionConfig, max_frontier: int = 200_000
+) -> list[str]:
     """Names of the modules to fully fine-tune (sorted), respecting the budget exactly.
 
     Raises:
@@ -113,18 +125,26 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
     if cfg.max_per_layer is not None:
         over = {k: v for k, v in per_layer.items() if k is not None and v > cfg.max_per_layer}
         if over:
-            raise ValueError(f"select.always_fft exceeds max_per_layer={cfg.max_per_layer} in layers {sorted(over)}")
+            raise ValueError(
+                f"select.always_fft exceeds max_per_layer={cfg.max_per_layer} in layers {sorted(over)}"
+            )
 
     if cfg.budget_unit == "modules":
         k = max(1, math.ceil(_fraction_of(cfg.budget, len(cands))))
         if len(forced) > k:
-            raise ValueError(f"select.always_fft names {len(forced)} modules but the budget allows {k}")
+            raise ValueError(
+                f"select.always_fft names {len(forced)} modules but the budget allows {k}"
+            )
         chosen = list(forced)
         for c in sorted(pool, key=_order):
             if len(chosen) >= k:
                 break
             layer = _layer(c.name)
-            if cfg.max_per_layer is not None and layer is not None and per_layer[layer] >= cfg.max_per_layer:
+            if (
+                cfg.max_per_layer is not None
+                and layer is not None
+                and per_layer[layer] >= cfg.max_per_layer
+            ):
                 continue
             chosen.append(c)
             per_layer[layer] += 1
@@ -133,7 +153,9 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
     capacity = math.floor(_fraction_of(cfg.budget, sum(c.params for c in cands)))
     used = sum(c.params for c in forced)
     if used > capacity:
-        raise ValueError(f"select.always_fft modules hold {used:,} parameters; the budget allows {capacity:,}")
+        raise ValueError(
+            f"select.always_fft modules hold {used:,} parameters; the budget allows {capacity:,}"
+        )
     if cfg.max_per_layer is None:
         picked = _knapsack_exact(pool, capacity - used, max_frontier)
         if picked is not None:
@@ -144,7 +166,11 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
         # As in the exact solver: a module without a positive score only lowers the total.
         if c.score <= 0 or used + c.params > capacity:
             continue
-        if cfg.max_per_layer is not None and layer is not None and per_layer[layer] >= cfg.max_per_layer:
+        if (
+            cfg.max_per_layer is not None
+            and layer is not None
+            and per_layer[layer] >= cfg.max_per_layer
+        ):
             continue
         chosen.append(c)
         used += c.params
@@ -152,7 +178,9 @@ def select_fft_modules(candidates: Sequence[Candidate], cfg: SelectionConfig, ma
     return sorted(c.name for c in chosen)
 
 
-def _knapsack_exact(pool: Sequence[Candidate], capacity: int, max_frontier: int) -> list[str] | None:
+def _knapsack_exact(
+    pool: Sequence[Candidate], capacity: int, max_frontier: int
+) -> list[str] | None:
     """Exact 0/1 knapsack by Pareto-frontier merging over equal-cost groups; None if too large.
 
     Only positive-score modules are worth taking. Frontier entries: cost -> (value, names).

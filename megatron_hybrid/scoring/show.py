@@ -7,7 +7,7 @@ from pathlib import Path
 from megatron_hybrid.peft.naming import CANDIDATE_KINDS
 from megatron_hybrid.scoring.plan_io import PlanArtifact
 
-__all__ = ["plan_table", "plan_heatmap"]
+__all__ = ["plan_heatmap", "plan_table"]
 
 
 def _layer(name: str) -> int | None:
@@ -37,7 +37,13 @@ def plan_table(artifact: PlanArtifact) -> str:
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        )
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     fft = artifact.fft_names()
     total = sum(m.params for m in artifact.modules)
@@ -75,7 +81,9 @@ def plan_heatmap(artifact: PlanArtifact, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.6 * len(CANDIDATE_KINDS) + 1.5, 0.45 * len(layers) + 1.6))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     for r, c in fft:
-        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.add_patch(
+            plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5)
+        )
         ax.text(c, r, "FFT", ha="center", va="center", color="white", fontsize=8, fontweight="bold")
     ax.set_xticks(range(len(CANDIDATE_KINDS)), CANDIDATE_KINDS)
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])

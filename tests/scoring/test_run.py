@@ -87,12 +87,14 @@ def test_an_unknown_method_lists_the_valid_ones():
     assert all(m in str(info.value) for m in SCORE_METHODS)
 
 
-@pytest.mark.parametrize("objective", ["policy_gradient", "NLL", ""])
-def test_only_the_nll_objective_is_available(objective):
-    with pytest.raises(
-        ValueError, match=rf"score\.objective {objective!r} is not available; supported: 'nll'"
-    ):
+@pytest.mark.parametrize("objective", ["NLL", "", "grpo"])
+def test_unknown_objective_is_rejected(objective):
+    with pytest.raises(ValueError, match=r"score\.objective must be 'nll' or 'policy_gradient'"):
         ScoreConfig(objective=objective)
+
+
+def test_policy_gradient_objective_is_accepted():
+    assert ScoreConfig(objective="policy_gradient").objective == "policy_gradient"
 
 
 @pytest.mark.parametrize(

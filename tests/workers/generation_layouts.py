@@ -33,12 +33,15 @@ def main() -> None:
     parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
     parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
         sequence_parallel=args.sequence_parallel,
     )
     initialize_runtime(parallel, seed=1234)
     chunks = build_model(MODEL_CFG, parallel)
-    load_full_state_dict(chunks, torch.load(args.reference, weights_only=True)["weights"], MODEL_CFG)
+    load_full_state_dict(
+        chunks, torch.load(args.reference, weights_only=True)["weights"], MODEL_CFG
+    )
     apply_hybrid_plan(chunks, HybridPlan.from_dict(PLAN))
     for c in chunks:
         c.eval()
@@ -47,8 +50,12 @@ def main() -> None:
     kw = dict(stop_token=tok.eos_id, vocab_size=tok.vocab_size, micro_batch_size=4)
     greedy = generate(chunks, prompts, SamplingConfig(temperature=0.0, max_new_tokens=6), **kw)
     logprobs = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4)
-    s1 = generate(chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw)
-    s2 = generate(chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw)
+    s1 = generate(
+        chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw
+    )
+    s2 = generate(
+        chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw
+    )
     # Every rank of the model-parallel group must hold the same sequences.
     mine = torch.cat([greedy.tokens.flatten(), greedy.lengths])
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -57,8 +64,11 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(
             {
-                "tokens": greedy.tokens, "lengths": greedy.lengths, "prompt_lengths": greedy.prompt_lengths,
-                "logprobs": logprobs, "mask": greedy.completion_mask(),
+                "tokens": greedy.tokens,
+                "lengths": greedy.lengths,
+                "prompt_lengths": greedy.prompt_lengths,
+                "logprobs": logprobs,
+                "mask": greedy.completion_mask(),
                 "sampled_equal": torch.equal(s1.tokens, s2.tokens),
             },
             args.out,

@@ -48,10 +48,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=ROWS)
     parser.add_argument("--loss", default="grpo")
     args = parser.parse_args()
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
     initialize_runtime(parallel, seed=1234)
     chunks = build_model(MODEL_CFG, parallel)
-    load_full_state_dict(chunks, torch.load(args.reference, weights_only=True)["weights"], MODEL_CFG)
+    load_full_state_dict(
+        chunks, torch.load(args.reference, weights_only=True)["weights"], MODEL_CFG
+    )
     apply_hybrid_plan(chunks, HybridPlan.from_dict(PLAN))
     ddp = wrap_ddp(chunks)
     optim = OptimConfig(lr=1e-2, adam_eps=1e-3)  # large eps: see hybrid_model.py
@@ -65,12 +69,17 @@ def main() -> None:
     mine = Rollout(rollout.tokens[rows], rollout.prompt_lengths[rows], rollout.lengths[rows])
     micro = make_micro_batches(mine, old[rows], adv[rows], None, args.micro_batch_size)
     loss_cfg = PolicyLossConfig(
-        loss=args.loss, eps_low=0.2, eps_high=0.28,
+        loss=args.loss,
+        eps_low=0.2,
+        eps_high=0.28,
         max_response_length=WIDTH if args.loss == "dr_grpo" else None,
     )
     policy_update(ddp, opt, micro, loss_cfg, optim, 0, 1)
 
-    after = [{n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad} for c in ddp]
+    after = [
+        {n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad}
+        for c in ddp
+    ]
     full = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     if torch.distributed.get_rank() == 0:
         torch.save(full, args.out)

@@ -1,0 +1,74 @@
+"""The ``--quick`` benchmark preset runs end to end and writes the documented results schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.multirank import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {
+    "mode",
+    "stage",
+    "seed",
+    "final_heldout_accuracy",
+    "reward_curve",
+    "wall_time_s",
+    "trainable_params",
+    "optimizer_state_bytes",
+    "peak_memory_bytes",
+}
+
+
+def test_demo_quick_smoke(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_hybrid.cli",
+            "demo",
+            "--quick",
+            "--out",
+            str(out),
+            f"cache_dir={tmp_path / 'cache'}",
+            "tensorboard=false",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((out / "results.json").read_text())
+    runs = data["runs"]
+    assert {(r["stage"], r["mode"]) for r in runs} == {
+        (s, m)
+        for s in ("sft", "grpo")
+        for m in ("fft", "lora", "hybrid", "hybrid-random", "hybrid-gradnorm")
+    }
+    for r in runs:
+        assert FIELDS <= set(r)
+        assert 0.0 <= r["final_heldout_accuracy"] <= 1.0
+        assert r["trainable_params"] > 0 and r["optimizer_state_bytes"] > 0
+    by_mode = {r["mode"]: r for r in runs if r["stage"] == "sft"}
+    assert (
+        by_mode["lora"]["trainable_params"]
+        < by_mode["hybrid"]["trainable_params"]
+        < by_mode["fft"]["trainable_params"]
+    )
+    assert all(r["reward_curve"] for r in runs if r["stage"] == "grpo")
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()

@@ -1,0 +1,79 @@
+"""Report aggregation: paired differences and summaries against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_hybrid.demo.report import paired, summarize, write_report
+
+
+def _run(mode, seed, acc, stage="sft"):
+    return {
+        "mode": mode,
+        "stage": stage,
+        "seed": seed,
+        "final_heldout_accuracy": acc,
+        "reward_curve": [[1, 0.1], [2, 0.2]] if stage == "grpo" else [],
+        "accuracy_curve": [[0, 0.0], [10, acc]],
+        "loss_curve": [[1, 1.0]],
+        "wall_time_s": 1.0,
+        "trainable_params": 10,
+        "optimizer_state_bytes": 80,
+        "peak_memory_bytes": 1000,
+        "training_state_bytes": 200,
+    }
+
+
+RUNS = [
+    _run("fft", 0, 0.5),
+    _run("fft", 1, 0.6),
+    _run("fft", 2, 0.7),
+    _run("lora", 0, 0.1),
+    _run("lora", 1, 0.3),
+    _run("lora", 2, 0.2),
+    _run("hybrid", 0, 0.4),
+    _run("hybrid", 1, 0.5),
+    _run("hybrid", 2, 0.6),
+]
+
+
+def test_paired_difference_is_mean_and_standard_error_over_shared_seeds():
+    m, se, n = paired(RUNS, "sft", "fft", "lora")
+    diffs = [0.4, 0.3, 0.5]
+    assert n == 3
+    assert m == pytest.approx(sum(diffs) / 3)
+    sd = math.sqrt(sum((d - 0.4) ** 2 for d in diffs) / 2)
+    assert se == pytest.approx(sd / math.sqrt(3))
+
+
+def test_paired_ignores_unshared_seeds_and_missing_modes():
+    runs = RUNS + [_run("fft", 9, 1.0)]
+    assert paired(runs, "sft", "fft", "lora")[2] == 3
+    m, se, n = paired(runs, "sft", "fft", "nope")
+    assert n == 0 and math.isnan(m)
+
+
+def test_summarize_means_and_sds():
+    s = summarize(RUNS)["sft"]
+    assert s["lora"]["acc_mean"] == pytest.approx(0.2)
+    assert s["lora"]["acc_sd"] == pytest.approx(0.1)
+    assert s["hybrid"]["n"] == 3
+
+
+def test_write_report_files(tmp_path):
+    data = {
+        "config": {"score": {"method": "probe_residual"}},
+        "total_wall_time_s": 60.0,
+        "plans": {},
+        "runs": RUNS + [_run("fft", 0, 0.2, "grpo"), _run("lora", 0, 0.1, "grpo")],
+    }
+    paths = write_report(data, tmp_path)
+    assert [p.name for p in paths] == ["results.json", "report.md", "report.png"]
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["mode"] == "fft"
+    md = (tmp_path / "report.md").read_text()
+    # hybrid closes (0.5 - 0.2) / (0.6 - 0.2) = 75% of the gap
+    assert "| hybrid | 0.500" in md and "75%" in md
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
