@@ -502,6 +502,46 @@ def run_demo(
         destroy_runtime()
 
 
+def run_sweep(
+    cfg: DemoConfig, stage: str, grid: dict[str, list[float]], *, seed: int = 0, printer=print
+) -> dict[str, dict]:
+    """Learning-rate sweep on the VALIDATION split (never the test set), one seed per point.
+
+    ``grid``: mode -> peak learning rates to try (LoRA adapters get ``lr x lora_lr_mult`` of the
+    stage's mode settings). Returns mode -> {"best_lr", "results": [[lr, val_accuracy], ...]} and
+    writes ``<out>/sweep_<stage>.json``.
+    """
+    from dataclasses import replace
+
+    initialize_runtime(cfg.parallel, seed=1234)
+    try:
+        rank0 = dist.get_rank() == 0
+        say = printer if rank0 else (lambda *_a, **_k: None)
+        demo = Demo(cfg, say)
+        demo.warm_up()
+        scfg = getattr(cfg, stage)
+        problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
+        on_val = ProblemSet(train=problems.train, val=problems.val, test=problems.val)
+        table = demo.score_table(problems, stage)
+        out: dict[str, dict] = {}
+        for mode, lrs in grid.items():
+            results = []
+            for lr in lrs:
+                res = demo.run(stage, mode, seed, on_val, demo.plan_for(mode, table, seed), replace(scfg.modes[mode], lr=lr))
+                results.append([lr, res.final_heldout_accuracy])
+                say(f"  sweep {stage} {mode:16s} lr {lr:.1e}: validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)")
+            best = max(results, key=lambda x: (x[1], -x[0]))[0]
+            out[mode] = {"best_lr": best, "results": results}
+        if rank0:
+            path = Path(cfg.out) / f"sweep_{stage}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=1) + "\n")
+            say(f"sweep written to {path}")
+        return out
+    finally:
+        destroy_runtime()
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
