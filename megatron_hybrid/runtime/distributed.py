@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_hybrid.runtime.cpu_compat import apply_cpu_compat_patches
 
-__all__ = ["ParallelConfig", "initialize_runtime", "destroy_runtime", "device"]
+__all__ = ["ParallelConfig", "destroy_runtime", "device", "initialize_runtime"]
 
 
 @dataclass
@@ -30,6 +30,8 @@ class ParallelConfig:
     """PP degree: the decoder layers are split into this many stages."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline stage (interleaved schedule); None disables interleaving."""
+    data_parallel_size: int | None = None
+    """Expected DP degree; None derives it (world / (tp x pp)); set it to have a wrong launch fail."""
     sequence_parallel: bool = False
     """Shard activations outside the TP regions along the sequence (needs TP > 1)."""
     backend: str | None = None
@@ -42,6 +44,9 @@ class ParallelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallel.{key} must be an integer >= 1, got {value!r}")
+        dp = self.data_parallel_size
+        if dp is not None and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1):
+            raise ValueError(f"parallel.data_parallel_size must be an integer >= 1 or null, got {dp!r}")
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             if not isinstance(vpp, int) or vpp < 1:
@@ -56,7 +61,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size >= 2")
         if self.backend not in (None, "nccl", "gloo"):
-            raise ValueError(f"parallel.backend must be 'nccl', 'gloo' or null, got {self.backend!r}")
+            raise ValueError(
+                f"parallel.backend must be 'nccl', 'gloo' or null, got {self.backend!r}"
+            )
 
 
 def device() -> torch.device:
@@ -87,7 +94,9 @@ def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
         else:
             # One process: an in-memory store, and no RANK/MASTER_* written to os.environ (child
             # processes would inherit them and collide on the port).
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel:
@@ -95,6 +104,12 @@ def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
             f"world size {world} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {parallel.tensor_model_parallel_size} x "
             f"{parallel.pipeline_model_parallel_size}"
+        )
+    dp = parallel.data_parallel_size
+    if dp is not None and dp != world // model_parallel:
+        raise ValueError(
+            f"parallel.data_parallel_size is {dp} but world size {world} / (tp x pp = "
+            f"{model_parallel}) gives {world // model_parallel}"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -1,0 +1,29 @@
+"""ParallelConfig validation and the data-parallel size check at initialisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_hybrid.runtime.distributed import ParallelConfig, initialize_runtime
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        ({"tensor_model_parallel_size": 0}, "tensor_model_parallel_size"),
+        ({"pipeline_model_parallel_size": -1}, "pipeline_model_parallel_size"),
+        ({"data_parallel_size": 0}, "data_parallel_size"),
+        ({"virtual_pipeline_model_parallel_size": 2}, "virtual_pipeline_model_parallel_size"),
+        ({"sequence_parallel": True}, "sequence_parallel"),
+        ({"backend": "mpi"}, "backend"),
+    ],
+)
+def test_bad_values_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=rf"parallel\.{key}"):
+        ParallelConfig(**kw)
+
+
+def test_wrong_data_parallel_size_for_the_launch_is_an_error(single_rank_runtime):
+    with pytest.raises(ValueError, match=r"data_parallel_size is 2 but world size 1"):
+        initialize_runtime(ParallelConfig(data_parallel_size=2))
+    initialize_runtime(ParallelConfig(data_parallel_size=1))
