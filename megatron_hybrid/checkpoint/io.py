@@ -199,7 +199,10 @@ def save_trainables(
     """
     root = Path(root).absolute()
     model = model_sharded_state_dict(chunks, "trainables")
-    sharded: dict[str, Any] = {"model": model, "training": {"step": step, "state": training_state or {}}}
+    sharded: dict[str, Any] = {
+        "model": model,
+        "training": {"step": step, "state": training_state or {}},
+    }
     contents = ["model"]
     if optimizer is not None:
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model, is_loading=False)
@@ -247,7 +250,9 @@ def load_trainables(
     meta = read_meta(directory)
     source = f"checkpoint {directory}"
     if meta.kind != "trainables":
-        raise CheckpointError(f"{directory} is a {meta.kind} checkpoint, not a trainables checkpoint")
+        raise CheckpointError(
+            f"{directory} is a {meta.kind} checkpoint, not a trainables checkpoint"
+        )
     check_architecture(meta, model_cfg, source)
     check_plan(meta, plan, source)
     request: dict[str, Any] = {"model": model_sharded_state_dict(chunks, "trainables")}

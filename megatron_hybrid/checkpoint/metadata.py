@@ -128,7 +128,9 @@ def read_meta(directory: Path) -> CheckpointMeta:
         raise CheckpointError(f"{path} is not valid JSON (truncated?): {e}") from None
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version {version!r}; this version reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has format_version {version!r}; this version reads {FORMAT_VERSION}"
+        )
     known = {f.name for f in dataclasses.fields(CheckpointMeta)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -166,6 +168,7 @@ def check_plan(meta: CheckpointMeta, plan: HybridPlan, source: str) -> None:
     saved = meta.hybrid_plan()
     if saved is None:
         raise CheckpointError(f"{source} holds no hybrid plan (kind {meta.kind!r})")
+
     def effective(p: HybridPlan, name: str) -> str:
         mode = p.modules[name].mode
         return f"lora (rank {p.lora_config_for(name).rank})" if mode == "lora" else mode
@@ -177,9 +180,13 @@ def check_plan(meta: CheckpointMeta, plan: HybridPlan, source: str) -> None:
     mine, theirs = active(plan), active(saved)
     for name in sorted(mine | theirs):
         if name not in mine:
-            problems.append(f"{name}: {effective(saved, name)} in the checkpoint, absent from the plan")
+            problems.append(
+                f"{name}: {effective(saved, name)} in the checkpoint, absent from the plan"
+            )
         elif name not in theirs:
-            problems.append(f"{name}: {effective(plan, name)} in the plan, absent from the checkpoint")
+            problems.append(
+                f"{name}: {effective(plan, name)} in the plan, absent from the checkpoint"
+            )
         elif effective(saved, name) != effective(plan, name):
             problems.append(
                 f"{name}: checkpoint {effective(saved, name)}, current plan {effective(plan, name)}"
@@ -189,4 +196,6 @@ def check_plan(meta: CheckpointMeta, plan: HybridPlan, source: str) -> None:
         if a != b:
             problems.append(f"lora.{key}: checkpoint {a!r}, current plan {b!r}")
     if problems:
-        raise CheckpointError(f"{source} was saved with another hybrid plan: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{source} was saved with another hybrid plan: " + "; ".join(problems)
+        )

@@ -140,7 +140,9 @@ def copy_loaded(request: dict, loaded: dict) -> int:
         target = leaf.data
         value = _get(loaded, path)
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"loaded {'.'.join(map(str, path))} is a {type(value).__name__}, not a tensor")
+            raise TypeError(
+                f"loaded {'.'.join(map(str, path))} is a {type(value).__name__}, not a tensor"
+            )
         if value is not target:
             if value.shape != target.shape:
                 raise ValueError(

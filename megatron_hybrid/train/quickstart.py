@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 
+from megatron_hybrid.checkpoint.config import CheckpointConfig
+from megatron_hybrid.checkpoint.run import RunCheckpointer
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
@@ -85,6 +87,8 @@ class QuickstartConfig:
     run: RunConfig = field(default_factory=RunConfig)
     plan_file: str | None = None
     """A plan JSON from ``megatron-hybrid score``; when set it replaces the ``peft`` globs."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving trainables, resuming, and the base-model checkpoint to start from."""
 
 
 def global_batch_shard(batch: Batch, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[Batch]:
@@ -113,13 +117,16 @@ def _is_logging_rank() -> bool:
 
 
 def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
-    """Train ``cfg.run.steps`` steps; returns ``{"losses", "summary", "wall_time_s"}``."""
+    """Train up to step ``cfg.run.steps``; returns ``{"losses", "summary", "wall_time_s",
+    "first_step"}`` (``losses`` of the steps this call ran, from ``first_step``)."""
     tok = CharTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) < tokenizer vocabulary ({tok.vocab_size})")
     initialize_runtime(cfg.parallel, seed=cfg.run.seed)
     try:
         chunks = build_model(cfg.model, cfg.parallel)
+        run_ckpt = RunCheckpointer(cfg.checkpoint, cfg.model, printer=printer)
+        run_ckpt.prepare_base(chunks)
         if cfg.plan_file:
             artifact = load_plan(cfg.plan_file)
             artifact.check_model(cfg.model, source=f"plan file {cfg.plan_file}")
@@ -142,9 +149,11 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
             printer(f"layout: TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} DP={dp_size}")
             printer(summary.table())
         gen = torch.Generator().manual_seed(cfg.run.seed)
+        data_state = {"generator": gen}
+        first = run_ckpt.restore(ddp, optimizer, plan, data_state) + 1
         losses: list[float] = []
         start = time.perf_counter()
-        for step in range(1, cfg.run.steps + 1):
+        for step in range(first, cfg.run.steps + 1):
             batch = make_sft_batch(cfg.task.sample(cfg.run.global_batch_size, gen), tok, cfg.run.seq_length)
             micro = global_batch_shard(batch, cfg.run.micro_batch_size, dp_rank, dp_size)
             set_learning_rate(optimizer, cfg.optim, step - 1, cfg.run.steps)
@@ -156,9 +165,10 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
                 losses.append(loss)
                 if logging and (step % cfg.run.log_interval == 0 or step == 1):
                     printer(f"step {step:4d}  loss {loss:.4f}")
+            run_ckpt.after_step(step, cfg.run.steps, ddp, optimizer, plan, data_state)
         wall = time.perf_counter() - start
-        if logging:
+        if logging and losses:
             printer(f"trained {cfg.run.steps} steps in {wall:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-        return {"losses": losses, "summary": summary, "wall_time_s": wall}
+        return {"losses": losses, "summary": summary, "wall_time_s": wall, "first_step": first}
     finally:
         destroy_runtime()

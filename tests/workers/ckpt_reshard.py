@@ -27,18 +27,25 @@ from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
-from megatron_hybrid.train.step import Batch, OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
+from megatron_hybrid.train.step import (
+    Batch,
+    OptimConfig,
+    build_optimizer,
+    lm_forward_backward,
+    wrap_ddp,
+)
 from tests.sharding import gather_full_state_dict
 from tests.workers.hybrid_model import lora_layout, trainable_state
 
-# vocab 40 is padded to 40 rows at TP=1 and 48 at TP=2: the embedding reshards across paddings.
+# The vocabulary needs no padding at TP=1 or TP=2: the loss (not the logits) depends on the number
+# of padding rows, which differs between TP degrees otherwise (tested by tests/convert instead).
 MODEL_CFG = ModelConfig(
     num_layers=4,
     hidden_size=64,
     num_attention_heads=4,
     num_query_groups=2,
     ffn_hidden_size=128,
-    vocab_size=40,
+    vocab_size=48,
     max_sequence_length=32,
     add_qkv_bias=True,
 )
@@ -66,18 +73,53 @@ OPTIM = OptimConfig(lr=1e-2, adam_eps=1e-3)
 def batches(seed: int) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, MODEL_CFG.vocab_size, (4, 17), generator=g)
-    return [Batch(t[:2, :-1], t[:2, 1:], torch.ones(2, 16)), Batch(t[2:, :-1], t[2:, 1:], torch.ones(2, 16))]
+    return [
+        Batch(t[:2, :-1], t[:2, 1:], torch.ones(2, 16)),
+        Batch(t[2:, :-1], t[2:, 1:], torch.ones(2, 16)),
+    ]
+
+
+def adam_state(ddp, optimizer, which: str) -> list[dict[str, torch.Tensor]]:
+    """``which`` (exp_avg / exp_avg_sq) of every trainable, keyed like :func:`trainable_state`."""
+    state = {
+        id(p): s for opt in optimizer.chained_optimizers for p, s in opt.optimizer.state.items()
+    }
+    return [
+        {n: state[id(p)][which].clone() for n, p in c.module.named_parameters() if p.requires_grad}
+        for c in ddp
+    ]
 
 
 def record(ddp, optimizer) -> dict:
-    tokens = torch.randint(0, MODEL_CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
+    tokens = torch.randint(
+        0, MODEL_CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9)
+    )
     logits = model_logits(ddp, tokens, MODEL_CFG.vocab_size)
-    full = gather_full_state_dict(trainable_state(ddp), MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
+    full = gather_full_state_dict(
+        trainable_state(ddp), MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0
+    )
+    moments = {
+        which: gather_full_state_dict(
+            adam_state(ddp, optimizer, which), MODEL_CFG, layout_fn=lora_layout
+        )
+        for which in ("exp_avg", "exp_avg_sq")
+    }
+    steps = {
+        float(s["step"])
+        for opt in optimizer.chained_optimizers
+        for s in opt.optimizer.state.values()
+    }
     lm_forward_backward(ddp, batches(100))
     assert optimizer.step()[0]
     losses: list = [None] * dist.get_world_size()
     dist.all_gather_object(losses, lm_forward_backward(ddp, batches(101), forward_only=True))
-    return {"logits": logits, "trainables": full, "loss_next": next(x for x in losses if x is not None)}
+    return {
+        "logits": logits,
+        "trainables": full,
+        "moments": moments,
+        "adam_steps": steps,
+        "loss_next": next(x for x in losses if x is not None),
+    }
 
 
 def main() -> None:
@@ -88,7 +130,9 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
     initialize_runtime(parallel, seed=1234)
     chunks = build_model(MODEL_CFG, parallel)
     if args.save:
@@ -104,13 +148,22 @@ def main() -> None:
             lm_forward_backward(ddp, batches(step))
             assert optimizer.step()[0]
         save_trainables(
-            args.dir / "run", 2, ddp, plan=PLAN, model_cfg=MODEL_CFG, optimizer=optimizer,
-            base=args.dir / "base", training_state={"data": torch.arange(4)},
+            args.dir / "run",
+            2,
+            ddp,
+            plan=PLAN,
+            model_cfg=MODEL_CFG,
+            optimizer=optimizer,
+            base=args.dir / "base",
+            training_state={"data": torch.arange(4)},
         )
     else:
-        state = load_trainables(args.dir / "run", ddp, plan=PLAN, model_cfg=MODEL_CFG, optimizer=optimizer)
+        state = load_trainables(
+            args.dir / "run", ddp, plan=PLAN, model_cfg=MODEL_CFG, optimizer=optimizer
+        )
         assert state.step == 2 and torch.equal(state.state["data"], torch.arange(4)), state
-        assert state.optimizer_restored and not state.rng_restored
+        assert state.optimizer_restored
+        assert state.rng_restored == ((args.tp, args.pp) == (2, 1)), state  # saved at TP=2
     result = record(ddp, optimizer)
     if dist.get_rank() == 0:
         result["layout"] = (args.tp, args.pp, parallel_state.get_data_parallel_world_size())

@@ -1,0 +1,137 @@
+"""One-rank save/load of base and trainables checkpoints; what they hold; errors on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megatron_hybrid.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_trainables,
+    read_meta,
+    save_model,
+    save_trainables,
+)
+from megatron_hybrid.checkpoint.state import model_sharded_state_dict, sharded_leaves
+from megatron_hybrid.models.provider import build_model
+from megatron_hybrid.peft.apply import apply_hybrid_plan
+from megatron_hybrid.peft.plan import HybridPlan
+from megatron_hybrid.runtime.distributed import ParallelConfig
+from tests.workers.ckpt_kill import TINY, TINY_PLAN
+
+
+def _model(plan: HybridPlan | None = TINY_PLAN, model_cfg=TINY):
+    chunks = build_model(model_cfg, ParallelConfig())
+    if plan is not None:
+        apply_hybrid_plan(chunks, plan)
+    return chunks
+
+
+def _keys(sd) -> set[str]:
+    out = set()
+    for _, leaf in sharded_leaves(sd):
+        out.add(leaf.key)
+    return out
+
+
+@pytest.fixture
+def saved(single_rank_runtime, tmp_path):
+    chunks = _model(plan=None)
+    save_model(tmp_path / "base", chunks, TINY)
+    apply_hybrid_plan(chunks, TINY_PLAN)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # trained trainables differ from the init
+    save_trainables(
+        tmp_path / "run", 7, chunks, plan=TINY_PLAN, model_cfg=TINY, base=tmp_path / "base"
+    )
+    return tmp_path, chunks
+
+
+def test_trainables_selection_holds_adapters_and_fft_weights_only(single_rank_runtime):
+    chunks = _model()
+    keys = _keys(model_sharded_state_dict(chunks, "trainables"))
+    assert keys == {
+        "decoder.layers.0.self_attention.linear_qkv.lora_A",
+        "decoder.layers.0.self_attention.linear_qkv.lora_B",
+        "decoder.layers.0.mlp.linear_fc2.lora_A",
+        "decoder.layers.0.mlp.linear_fc2.lora_B",
+        "decoder.layers.1.mlp.linear_fc1.weight",
+    }
+    base = _keys(model_sharded_state_dict(chunks, "base", include_objects=False))
+    assert not any("lora" in k for k in base)
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in base  # under the base's own key
+    assert base | keys == _keys(model_sharded_state_dict(chunks, "all", include_objects=False))
+
+
+def test_round_trip_restores_base_and_trainables(saved):
+    tmp, chunks = saved
+    fresh = _model()
+    torch.nn.init.normal_(fresh[0].embedding.word_embeddings.weight)
+    load_model(tmp / "base", fresh, TINY)
+    state = load_trainables(tmp / "run", fresh, plan=TINY_PLAN, model_cfg=TINY)
+    assert state.step == 7 and not state.optimizer_restored and state.rng_restored
+    want = dict(chunks[0].named_parameters())
+    for name, param in fresh[0].named_parameters():
+        assert torch.equal(param, want[name]), name
+    meta = read_meta(tmp / "run" / "iter_0000007")
+    assert meta.kind == "trainables" and meta.base == str((tmp / "base").absolute())
+    assert meta.contents == ["model", "rng"] and meta.layout["tp"] == 1
+
+
+def test_another_plan_is_named(saved):
+    tmp, _ = saved
+    other = HybridPlan.from_dict(
+        {
+            "lora": {"rank": 2},
+            "modules": {
+                "decoder.layers.0.self_attention.linear_qkv": {"mode": "lora", "rank": 1},
+                "decoder.layers.0.mlp.linear_fc2": "fft",
+                "decoder.layers.1.mlp.linear_fc1": "fft",
+            },
+        }
+    )
+    with pytest.raises(CheckpointError) as err:
+        load_trainables(tmp / "run", _model(other), plan=other, model_cfg=TINY)
+    msg = str(err.value)
+    assert "another hybrid plan" in msg
+    assert (
+        "decoder.layers.0.self_attention.linear_qkv: checkpoint lora (rank 2), current plan lora (rank 1)"
+        in msg
+    )
+    assert "decoder.layers.0.mlp.linear_fc2: checkpoint lora (rank 2), current plan fft" in msg
+
+
+def test_another_architecture_is_named(saved):
+    tmp, _ = saved
+    wider = dataclasses.replace(TINY, ffn_hidden_size=96, add_qkv_bias=True)
+    with pytest.raises(CheckpointError, match="another architecture") as err:
+        load_model(tmp / "base", _model(None, wider), wider)
+    assert "ffn_hidden_size: checkpoint has 64, model has 96" in str(err.value)
+    assert "add_qkv_bias: checkpoint has False, model has True" in str(err.value)
+
+
+def test_wrong_kind_and_damaged_files_are_named(saved):
+    tmp, _ = saved
+    with pytest.raises(
+        CheckpointError, match="is a trainables checkpoint, not a model .its base is"
+    ):
+        load_model(tmp / "run", _model(), TINY)
+    with pytest.raises(CheckpointError, match="is a base checkpoint, not a trainables checkpoint"):
+        load_trainables(tmp / "base", _model(), plan=TINY_PLAN, model_cfg=TINY)
+    shard = next(p for p in sorted((tmp / "base").iterdir()) if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"file {shard.name} is truncated \\(100 of"):
+        load_model(tmp / "base", _model(), TINY)
+    (tmp / "run" / "iter_0000007" / "common.pt").unlink()
+    with pytest.raises(CheckpointError, match="file common.pt is missing"):
+        load_trainables(tmp / "run", _model(), plan=TINY_PLAN, model_cfg=TINY)
+    meta = tmp / "run" / "iter_0000007" / "hybrid_meta.json"
+    meta.write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        read_meta(meta.parent)
