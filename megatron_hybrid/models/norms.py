@@ -26,8 +26,8 @@ class SequenceParallelNorm(torch.nn.Module):
         config: TransformerConfig,
         hidden_size: int,
         eps: float = 1e-5,
-        persist_layer_norm: bool = False,  # noqa: ARG002 - Megatron builder signature
-        zero_centered_gamma: bool = False,  # noqa: ARG002
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
         normalization: str | None = None,
     ) -> None:
         super().__init__()

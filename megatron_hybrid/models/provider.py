@@ -24,16 +24,16 @@ from megatron_hybrid.models.norms import SequenceParallelNorm
 from megatron_hybrid.runtime.distributed import ParallelConfig
 
 try:  # TE is optional; a broken install raises RuntimeError, not ImportError.
+    import transformer_engine  # noqa: F401
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
-    import transformer_engine  # noqa: F401
 
     HAVE_TE = True
 except Exception:  # noqa: BLE001
     HAVE_TE = False
 
-__all__ = ["HAVE_TE", "build_model", "transformer_config", "layer_spec"]
+__all__ = ["HAVE_TE", "build_model", "layer_spec", "transformer_config"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -75,7 +75,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     dtype = _DTYPES[model.params_dtype]
     use_te = model.transformer_impl == "transformer_engine"
     if use_te and not HAVE_TE:
-        raise ValueError("model.transformer_impl is transformer_engine but transformer_engine does not import")
+        raise ValueError(
+            "model.transformer_impl is transformer_engine but transformer_engine does not import"
+        )
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -31,7 +31,7 @@ from megatron_hybrid.peft.lora import (
 from megatron_hybrid.peft.naming import ModuleRef, walk_modules
 from megatron_hybrid.peft.plan import HybridPlan, closest_names
 
-__all__ = ["PlanSummary", "apply_hybrid_plan", "candidate_names", "all_linear_names"]
+__all__ = ["PlanSummary", "all_linear_names", "apply_hybrid_plan", "candidate_names"]
 
 
 @dataclass
@@ -53,13 +53,33 @@ class PlanSummary:
         """A small plain-text table for logs."""
         rows = [
             ("kind", "modules", "parameters", "% of model"),
-            ("fft", str(len(self.fft_modules)), f"{self.fft_params:,}", _pct(self.fft_params, self.total_params)),
-            ("lora", str(len(self.lora_modules)), f"{self.lora_params:,}", _pct(self.lora_params, self.total_params)),
-            ("trainable", "", f"{self.trainable_params:,}", _pct(self.trainable_params, self.total_params)),
+            (
+                "fft",
+                str(len(self.fft_modules)),
+                f"{self.fft_params:,}",
+                _pct(self.fft_params, self.total_params),
+            ),
+            (
+                "lora",
+                str(len(self.lora_modules)),
+                f"{self.lora_params:,}",
+                _pct(self.lora_params, self.total_params),
+            ),
+            (
+                "trainable",
+                "",
+                f"{self.trainable_params:,}",
+                _pct(self.trainable_params, self.total_params),
+            ),
             ("total", "", f"{self.total_params:,}", "100.00%"),
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+        return "\n".join(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+            for r in rows
+        )
 
 
 def _pct(a: int, b: int) -> str:
@@ -67,7 +87,9 @@ def _pct(a: int, b: int) -> str:
 
 
 def _linear_refs(chunks: Sequence[torch.nn.Module]) -> dict[str, ModuleRef]:
-    return {r.name: r for r in walk_modules(chunks) if parallel_mode_of(_unwrap(r.module)) is not None}
+    return {
+        r.name: r for r in walk_modules(chunks) if parallel_mode_of(_unwrap(r.module)) is not None
+    }
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -89,7 +111,9 @@ def all_linear_names(
     return _gather_names(list(_linear_refs(chunks)), pp_group)
 
 
-def candidate_names(chunks: Sequence[torch.nn.Module], pp_group: dist.ProcessGroup | None = None) -> list[str]:
+def candidate_names(
+    chunks: Sequence[torch.nn.Module], pp_group: dist.ProcessGroup | None = None
+) -> list[str]:
     """Global names of the Hybrid-LoRA candidates (qkv, proj, fc1, fc2 of every layer, all stages)."""
     from megatron_hybrid.peft.naming import CANDIDATE_KINDS, module_kind
 
@@ -139,7 +163,9 @@ def _validate(
             continue
         if decision.mode == "lora":
             if not isinstance(module, (*COLUMN_TYPES, *ROW_TYPES)):
-                problems.append(f"{name}: LoRA does not support module type {type(module).__name__}")
+                problems.append(
+                    f"{name}: LoRA does not support module type {type(module).__name__}"
+                )
                 continue
             if getattr(module, "is_expert", False):
                 problems.append(f"{name}: LoRA on MoE expert layers is not supported")
@@ -147,7 +173,9 @@ def _validate(
             mode = parallel_mode_of(module)
             out_local, in_local = module.weight.shape
             tp = module.tp_group.size() if getattr(module, "tp_group", None) is not None else 1
-            full_in, full_out = (in_local, out_local * tp) if mode == "column" else (in_local * tp, out_local)
+            full_in, full_out = (
+                (in_local, out_local * tp) if mode == "column" else (in_local * tp, out_local)
+            )
             rank = plan.lora.rank if decision.rank is None else decision.rank
             try:
                 validate_rank(name, rank, full_in, full_out)
@@ -216,7 +244,9 @@ def apply_hybrid_plan(
             continue
         mode = parallel_mode_of(module)
         cls = LoRAColumnParallelLinear if mode == "column" else LoRARowParallelLinear
-        gated = name.endswith("linear_fc1") and bool(getattr(module.config, "gated_linear_unit", False))
+        gated = name.endswith("linear_fc1") and bool(
+            getattr(module.config, "gated_linear_unit", False)
+        )
         wrapper = cls(
             module,
             plan.lora_config_for(name),
@@ -251,4 +281,3 @@ def apply_hybrid_plan(
         fft_modules=plan.names("fft"),
         lora_modules=plan.names("lora"),
     )
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-__all__ = ["LoRAConfig", "A_INITS", "B_INITS", "DROPOUT_POSITIONS"]
+__all__ = ["A_INITS", "B_INITS", "DROPOUT_POSITIONS", "LoRAConfig"]
 
 A_INITS = ("kaiming", "gaussian", "xavier", "zero")
 B_INITS = ("zero", "gaussian", "kaiming", "xavier")
@@ -58,7 +58,9 @@ class LoRAConfig:
         if self.b_init not in B_INITS:
             raise ValueError(f"lora.b_init must be one of {B_INITS}, got {self.b_init!r}")
         if self.a_init == "zero" and self.b_init == "zero":
-            raise ValueError("lora.a_init and lora.b_init cannot both be 'zero': no gradient would flow")
+            raise ValueError(
+                "lora.a_init and lora.b_init cannot both be 'zero': no gradient would flow"
+            )
         std = self.init_std
         if std is not None and (not _is_number(std) or std <= 0):
             raise ValueError(f"lora.init_std must be > 0, got {self.init_std!r}")

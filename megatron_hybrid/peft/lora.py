@@ -81,8 +81,8 @@ __all__ = [
     "COLUMN_TYPES",
     "ROW_TYPES",
     "LoRAColumnParallelLinear",
-    "LoRARowParallelLinear",
     "LoRAParallelLinear",
+    "LoRARowParallelLinear",
     "adapters_disabled",
     "iter_lora_modules",
     "parallel_mode_of",
@@ -106,7 +106,9 @@ def _generator(name: str, seed: int, which: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _init_full(shape: tuple[int, int], method: str, cfg: LoRAConfig, gen: torch.Generator) -> torch.Tensor:
+def _init_full(
+    shape: tuple[int, int], method: str, cfg: LoRAConfig, gen: torch.Generator
+) -> torch.Tensor:
     """A full (unsharded) fp32 adapter matrix; ``shape = (fan_out, fan_in)``."""
     t = torch.empty(shape, dtype=torch.float32)
     fan_out, fan_in = shape
@@ -114,7 +116,9 @@ def _init_full(shape: tuple[int, int], method: str, cfg: LoRAConfig, gen: torch.
         return t.zero_()
     if method == "gaussian":
         return t.normal_(0.0, cfg.init_std or 1.0 / cfg.rank, generator=gen)
-    if method == "kaiming":  # nn.Linear's default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in))
+    if (
+        method == "kaiming"
+    ):  # nn.Linear's default: kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(fan_in))
         bound = 1.0 / math.sqrt(fan_in)
         return t.uniform_(-bound, bound, generator=gen)
     if method == "xavier":
@@ -164,7 +168,9 @@ class LoRAParallelLinear(torch.nn.Module):
         self.gated = gated
         self.scaling = lora.scaling
         config = getattr(base, "config", None)
-        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False)) and self.tp_size > 1
+        self.sequence_parallel = (
+            bool(getattr(config, "sequence_parallel", False)) and self.tp_size > 1
+        )
         self.merged = False
         self.adapters_enabled = True
         self.is_te = isinstance(base, (*_TE_COLUMN, *_TE_ROW))
@@ -246,7 +252,9 @@ class LoRAParallelLinear(torch.nn.Module):
     def _adapter_axis_map(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ):
         """Base tensors under the base's own keys (``<prefix>weight``), adapters as
         ``<prefix>lora_A`` / ``<prefix>lora_B`` sharded like the base's matching dimension."""
         if self.merged:
@@ -297,8 +305,12 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
 
     def _make_adapters(self, seed: int) -> None:
         cfg = self.lora_config
-        a = _init_full((cfg.rank, self.in_features_full), cfg.a_init, cfg, _generator(self.name, seed, "A"))
-        b = _init_full((self.out_features_full, cfg.rank), cfg.b_init, cfg, _generator(self.name, seed, "B"))
+        a = _init_full(
+            (cfg.rank, self.in_features_full), cfg.a_init, cfg, _generator(self.name, seed, "A")
+        )
+        b = _init_full(
+            (self.out_features_full, cfg.rank), cfg.b_init, cfg, _generator(self.name, seed, "B")
+        )
         self.lora_A = self._new_param(a)
         self.lora_B = self._new_param(_shard_rows(b, self.tp_rank, self.tp_size, self.gated))
         set_tensor_model_parallel_attributes(self.lora_B, True, 0, 1)
@@ -331,7 +343,9 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
             h = self._dropout(h, sharded=seq_sharded)
         z = F.linear(h, self.lora_A)  # [s(/t), b, r]
         if seq_sharded:
-            z = gather_from_sequence_parallel_region(z, tensor_parallel_output_grad=True, group=self.tp_group)
+            z = gather_from_sequence_parallel_region(
+                z, tensor_parallel_output_grad=True, group=self.tp_group
+            )
         else:
             z = copy_to_tensor_model_parallel_region(z, group=self.tp_group)
         y = F.linear(z, self.lora_B) * self.scaling  # [s, b, out/t]
@@ -357,8 +371,12 @@ class LoRARowParallelLinear(LoRAParallelLinear):
 
     def _make_adapters(self, seed: int) -> None:
         cfg = self.lora_config
-        a = _init_full((cfg.rank, self.in_features_full), cfg.a_init, cfg, _generator(self.name, seed, "A"))
-        b = _init_full((self.out_features_full, cfg.rank), cfg.b_init, cfg, _generator(self.name, seed, "B"))
+        a = _init_full(
+            (cfg.rank, self.in_features_full), cfg.a_init, cfg, _generator(self.name, seed, "A")
+        )
+        b = _init_full(
+            (self.out_features_full, cfg.rank), cfg.b_init, cfg, _generator(self.name, seed, "B")
+        )
         self.lora_A = self._new_param(a.chunk(self.tp_size, dim=1)[self.tp_rank])
         self.lora_B = self._new_param(b)
         set_tensor_model_parallel_attributes(self.lora_A, True, 1, 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CANDIDATE_KINDS", "ModuleRef", "global_name", "walk_modules", "module_kind"]
+__all__ = ["CANDIDATE_KINDS", "ModuleRef", "global_name", "module_kind", "walk_modules"]
 
 #: The linear modules of a decoder layer that Hybrid-LoRA scores, adapts or fully fine-tunes.
 CANDIDATE_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

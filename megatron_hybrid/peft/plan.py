@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.naming import CANDIDATE_KINDS, module_kind
 
-__all__ = ["MODES", "ModuleDecision", "HybridPlan", "PeftSpec", "match_pattern", "closest_names"]
+__all__ = ["MODES", "HybridPlan", "ModuleDecision", "PeftSpec", "closest_names", "match_pattern"]
 
 MODES = ("fft", "lora", "frozen")
 
@@ -69,7 +69,9 @@ class HybridPlan:
     def __post_init__(self) -> None:
         for name, decision in self.modules.items():
             if not isinstance(decision, ModuleDecision):
-                raise ValueError(f"{name}: decision must be a ModuleDecision, got {type(decision).__name__}")
+                raise ValueError(
+                    f"{name}: decision must be a ModuleDecision, got {type(decision).__name__}"
+                )
 
     def names(self, mode: str) -> list[str]:
         """Sorted global names with the given mode."""
@@ -104,7 +106,11 @@ class HybridPlan:
                 modules[name] = ModuleDecision(**entry)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"plan module {name!r}: {e}") from None
-        return cls(modules=modules, lora=LoRAConfig.from_dict(d.get("lora") or {}), seed=int(d.get("seed", 0)))
+        return cls(
+            modules=modules,
+            lora=LoRAConfig.from_dict(d.get("lora") or {}),
+            seed=int(d.get("seed", 0)),
+        )
 
 
 @dataclass
@@ -136,7 +142,9 @@ class PeftSpec:
                 raise ValueError(f"peft.{key} must be a list of strings, got {value!r}")
         for pattern, rank in self.rank_overrides.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"peft.rank_overrides[{pattern!r}] must be a positive integer, got {rank!r}")
+                raise ValueError(
+                    f"peft.rank_overrides[{pattern!r}] must be a positive integer, got {rank!r}"
+                )
 
     def resolve(self, names: Sequence[str]) -> HybridPlan:
         """Resolve against the model's global module names; every pattern must match something."""

@@ -116,8 +116,20 @@ PATCHES: tuple[PatchInfo, ...] = (
 )
 
 _FACTORIES = frozenset(
-    {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "zeros_like",
-     "empty_like", "ones_like", "full_like"}
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "tensor",
+        "arange",
+        "randn",
+        "rand",
+        "zeros_like",
+        "empty_like",
+        "ones_like",
+        "full_like",
+    }
 )
 
 
@@ -146,7 +158,7 @@ class _CudaNamespaceProxy(types.SimpleNamespace):
         return None
 
     @staticmethod
-    def Stream(*_args: Any, **_kwargs: Any) -> None:  # noqa: N802 - mirrors torch.cuda.Stream
+    def Stream(*_args: Any, **_kwargs: Any) -> None:
         return None
 
     @staticmethod

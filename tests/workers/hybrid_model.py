@@ -29,7 +29,13 @@ from megatron_hybrid.peft.plan import HybridPlan
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
 from megatron_hybrid.train.quickstart import global_batch_shard
 from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
-from tests.sharding import REPLICATED, TPLayout, gather_full_state_dict, load_full_state_dict, tp_layout
+from tests.sharding import (
+    REPLICATED,
+    TPLayout,
+    gather_full_state_dict,
+    load_full_state_dict,
+    tp_layout,
+)
 
 MODEL_CFG = ModelConfig(
     num_layers=4,

@@ -15,13 +15,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_hybrid.data.arith import ArithTask
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
-from megatron_hybrid.scoring.calibration import ProbeConfig, accumulate_gradients, probe_weight_deltas
+from megatron_hybrid.scoring.calibration import (
+    ProbeConfig,
+    accumulate_gradients,
+    probe_weight_deltas,
+)
 from megatron_hybrid.scoring.job import task_batch_source
-from megatron_hybrid.scoring.run import ScoreConfig, local_candidates, score_modules, select_and_check
+from megatron_hybrid.scoring.run import (
+    ScoreConfig,
+    local_candidates,
+    score_modules,
+    select_and_check,
+)
 from megatron_hybrid.scoring.selection import SelectionConfig
-from megatron_hybrid.data.arith import ArithTask
 from megatron_hybrid.train.quickstart import RunConfig
 from tests.sharding import load_full_state_dict
 from tests.workers.hybrid_model import MODEL_CFG
