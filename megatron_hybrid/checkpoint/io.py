@@ -132,6 +132,7 @@ def save_model(
     kind: str = "base",
     plan: HybridPlan | None = None,
     hf: dict | None = None,
+    details: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Save every model weight except LoRA adapters (a base, or a merged model) to ``out_dir``.
@@ -147,6 +148,7 @@ def save_model(
         plan=None if plan is None else plan.to_dict(),
         hf=hf,
         contents=["model"],
+        details=details or {},
     )
     return _write(Path(out_dir), sharded, meta, overwrite=overwrite)
 

@@ -80,6 +80,8 @@ class CheckpointMeta:
     """HF origin: ``{"architecture": ..., "config": <config.json>}`` (base from ``convert-hf``)."""
     contents: list[str] = field(default_factory=list)
     """What the sharded part holds: ``model``, ``optimizer``, ``rng``."""
+    details: dict = field(default_factory=dict)
+    """Free-form facts, e.g. ``{"merged": ["fft", "lora"]}`` for a merged checkpoint."""
     created_by: str = ""
     format_version: int = FORMAT_VERSION
 

@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 from megatron_hybrid.checkpoint.commit import read_latest, verify_checkpoint
 from tests.multirank import REPO_ROOT, worker_path
 
@@ -44,7 +42,6 @@ def _killed(root, phase: str) -> str:
     return text
 
 
-@pytest.mark.slow
 def test_killed_saves_keep_the_previous_checkpoint(tmp_path):
     _killed(tmp_path, "first")  # dies after writing the shards of step 2, before the commit
     step1 = tmp_path / "iter_0000001"

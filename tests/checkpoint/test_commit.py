@@ -115,3 +115,29 @@ def test_damaged_markers_and_paths(tmp_path):
         step_dir_name(-1)
     with pytest.raises(FileExistsError):
         begin_staging(tmp_path / "iter_0000001", overwrite=False)
+
+
+def test_checkpoint_config_validation():
+    from megatron_hybrid.checkpoint.config import CheckpointConfig
+
+    assert CheckpointConfig(save_dir="r", save_interval=5).keep_last == 2
+    with pytest.raises(ValueError, match="save_interval must be a positive integer"):
+        CheckpointConfig(save_dir="r", save_interval=0)
+    with pytest.raises(ValueError, match="keep_last must be a positive integer"):
+        CheckpointConfig(keep_last=0)
+    with pytest.raises(ValueError, match="resume needs checkpoint.save_dir or checkpoint.load_dir"):
+        CheckpointConfig(resume=True)
+    with pytest.raises(ValueError, match="save_interval is set but checkpoint.save_dir is not"):
+        CheckpointConfig(save_interval=3)
+
+
+def test_quickstart_config_has_a_checkpoint_section():
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.train.quickstart import QuickstartConfig
+
+    cfg = load_config(
+        QuickstartConfig, None, ["checkpoint.save_dir=runs/x", "checkpoint.save_interval=10"]
+    )
+    assert cfg.checkpoint.save_dir == "runs/x" and cfg.checkpoint.save_interval == 10
+    with pytest.raises(ValueError, match="unknown config key 'checkpoint.bogus'"):
+        load_config(QuickstartConfig, None, ["checkpoint.bogus=1"])

@@ -1,0 +1,95 @@
+"""A base or merged Megatron checkpoint -> HF safetensors + ``config.json`` that transformers loads.
+
+Runs in one process (the HF format holds full tensors anyway): the checkpoint's tensors are read at
+full size with ``dist_checkpointing.load_plain_tensors`` whatever layout saved them, vocabulary
+padding rows are dropped, fused QKV and gate/up are split, and the HF config is the one recorded
+at conversion (``convert-hf``) updated from the model config, or built from it (``arch``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_hybrid.checkpoint.commit import CheckpointError, resolve_checkpoint, verify_checkpoint
+from megatron_hybrid.checkpoint.metadata import read_meta
+from megatron_hybrid.convert.arch import arch_by_name, arch_for
+from megatron_hybrid.convert.hf_io import write_hf_model
+
+__all__ = ["TOKENIZER_FILES", "convert_mcore_to_hf", "full_tensors"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def full_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint at full (TP=1) shape, keyed by checkpoint key."""
+    try:
+        return dist_checkpointing.load_plain_tensors(str(directory))
+    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever went wrong
+        raise CheckpointError(f"cannot read the tensors of {directory}: {e}") from e
+
+
+def convert_mcore_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    arch: str | None = None,
+    tokenizer_from: str | Path | None = None,
+) -> Path:
+    """Write an HF model directory. ``dtype`` defaults to the original HF dtype (else the model's);
+    ``arch`` (``llama`` / ``qwen2``) is needed only when the checkpoint has no HF origin.
+
+    Needs ``torch.distributed`` initialised (one rank is enough).
+    """
+    directory = resolve_checkpoint(ckpt_dir)
+    verify_checkpoint(directory)
+    meta = read_meta(directory)
+    if meta.kind == "trainables":
+        raise CheckpointError(
+            f"{directory} holds trainables only; merge them into the base first (megatron-hybrid merge)"
+        )
+    model = meta.model_config()
+    original = (meta.hf or {}).get("config")
+    if arch is not None:
+        spec = arch_by_name(arch)
+    elif original is not None:
+        spec = arch_for(original)
+    else:
+        raise ValueError(
+            f"{directory} records no HF origin; pass the architecture (llama or qwen2)"
+        )
+    dtype = (
+        dtype
+        or (original or {}).get("dtype")
+        or (original or {}).get("torch_dtype")
+        or model.params_dtype
+    )
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    tensors = full_tensors(directory)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in tensors:
+            tensors[key] = tensors[key][: model.vocab_size]
+    hf = spec.tensor_mapping(model).hf_tensors(tensors)
+    hf = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
+    out = write_hf_model(out_dir, hf, spec.hf_config(model, original, dtype))
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.is_file():
+                shutil.copy2(src, out / name)
+    return out

@@ -1,0 +1,44 @@
+"""The checkpoint subcommands: registration, help, and errors that name the bad input."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from megatron_hybrid.convert.cli import add_checkpoint_subcommands, main
+
+
+def test_subcommands_register_on_a_parser():
+    parser = argparse.ArgumentParser()
+    add_checkpoint_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["merge", "--trainables", "run", "--out", "m", "--tp", "2", "--fft-only"]
+    )
+    assert (args.command, args.tp, args.pp, args.fft_only, args.base) == ("merge", 2, 1, True, None)
+    args = parser.parse_args(["export-peft", "--trainables", "run", "--out", "a"])
+    assert args.fft_mode == "modules_to_save" and callable(args.func)
+    for name in ("convert-hf", "convert-to-hf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([name])  # required options
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["export-peft", "--trainables", "{tmp}/nowhere", "--out", "{tmp}/a"],
+            "nowhere does not exist",
+        ),
+        (
+            ["merge", "--trainables", "{tmp}", "--out", "{tmp}/m"],
+            "neither a checkpoint directory nor a run root",
+        ),
+        (["convert-to-hf", "--checkpoint", "{tmp}/nowhere", "--out", "{tmp}/h"], "does not exist"),
+        (["convert-hf", "--hf", "{tmp}", "--out", "{tmp}/b"], "has no config.json"),
+    ],
+)
+def test_bad_inputs_exit_2_and_name_the_input(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"megatron-hybrid {argv[0]}: error:")
