@@ -478,6 +478,8 @@ def run_demo(
                         bar.set_postfix_str(f"{stage} {mode} seed {seed}")
                     res = demo.run(stage, mode, seed, problems, plan, scfg.modes[mode])
                     results.append(res)
+                    if rank0:  # partial results survive an interrupted benchmark
+                        _write_partial(Path(cfg.out), cfg, results, time.perf_counter() - start)
                     if bar is not None:
                         bar.update(1)
                         bar.write(
@@ -527,9 +529,18 @@ def run_sweep(
         for mode, lrs in grid.items():
             results = []
             for lr in lrs:
-                res = demo.run(stage, mode, seed, on_val, demo.plan_for(mode, table, seed), replace(scfg.modes[mode], lr=lr))
+                res = demo.run(
+                    stage,
+                    mode,
+                    seed,
+                    on_val,
+                    demo.plan_for(mode, table, seed),
+                    replace(scfg.modes[mode], lr=lr),
+                )
                 results.append([lr, res.final_heldout_accuracy])
-                say(f"  sweep {stage} {mode:16s} lr {lr:.1e}: validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)")
+                say(
+                    f"  sweep {stage} {mode:16s} lr {lr:.1e}: validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
+                )
             best = max(results, key=lambda x: (x[1], -x[0]))[0]
             out[mode] = {"best_lr": best, "results": results}
         if rank0:
@@ -540,6 +551,19 @@ def run_sweep(
         return out
     finally:
         destroy_runtime()
+
+
+def _write_partial(out: Path, cfg: DemoConfig, results: list[RunResult], elapsed: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "partial": True,
+        "config": _jsonable(asdict(cfg)),
+        "total_wall_time_s": elapsed,
+        "runs": [asdict(r) for r in results],
+    }
+    tmp = out / ".results.partial.json.tmp"
+    tmp.write_text(json.dumps(data, default=str) + "\n")
+    tmp.replace(out / "results.partial.json")
 
 
 def _jsonable(obj):
