@@ -28,7 +28,6 @@ import torch
 from megatron.core.dist_checkpointing.mapping import (
     ShardedBase,
     ShardedObject,
-    ShardedTensor,
     ShardedTensorFactory,
 )
 
@@ -152,8 +151,3 @@ def copy_loaded(request: dict, loaded: dict) -> int:
             target.copy_(value)
         count += 1
     return count
-
-
-def describe(leaf: ShardedTensor) -> str:
-    """``key [global shape] @ offset`` for logs and errors."""
-    return f"{leaf.key} {tuple(leaf.global_shape)} @ {tuple(leaf.global_offset)}"

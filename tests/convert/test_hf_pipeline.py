@@ -124,3 +124,21 @@ def test_tp1_conversion_through_the_cli_matches_hf(single_rank_runtime, pipeline
     load_model(out, chunks, model_cfg)
     logits = model_logits(chunks, res[arch]["tokens"], model_cfg.vocab_size)
     assert _max_diff(logits, res[arch]["hf"]) < HF_TOL
+
+
+def test_vllm_path_fft_merged_base_plus_lora_only_adapter(single_rank_runtime, pipeline):
+    """``merge --fft-only`` -> HF base, plus a LoRA-only adapter, gives the hybrid logits."""
+    from peft import PeftModel
+
+    from megatron_hybrid.convert.merge import merge_checkpoint
+
+    tmp, res = pipeline
+    d = tmp / "llama"
+    merge_checkpoint(d / "run", d / "fft_merged", ParallelConfig(), fft_only=True)
+    assert read_meta(d / "fft_merged").details["merged"] == ["fft"]
+    base = load_hf_model("llama", convert_mcore_to_hf(d / "fft_merged", d / "fft_merged_hf"))
+    adapter = export_peft(d / "run", d / "peft_lora_only", fft_mode="none")
+    assert not (adapter / "fft_weights.safetensors").exists()
+    assert "vllm serve" in (adapter / "README.md").read_text()
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    assert _max_diff(hf_logits(model, res["llama"]["tokens"]), res["llama"]["hybrid"]) < HF_TOL
