@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.steps=20")
         p.set_defaults(func=_posttrain)
 
+    from megatron_hybrid.convert.cli import add_checkpoint_subcommands
+
+    add_checkpoint_subcommands(sub)
+
     plan = sub.add_parser("plan", help="inspect plan files")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     show = plan_sub.add_parser("show", help="table of modules, scores and decisions")
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"megatron-hybrid {args.command}: error: {e}", file=sys.stderr)
         return 2
 

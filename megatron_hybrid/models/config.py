@@ -61,8 +61,14 @@ class ModelConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
 
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                    "vocab_size", "max_sequence_length"):
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_sequence_length",
+        ):
             positive(key)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -78,14 +84,18 @@ class ModelConfig:
                     f"model.num_query_groups ({groups})"
                 )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
-            raise ValueError(f"model.normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
+            raise ValueError(
+                f"model.normalization must be RMSNorm or LayerNorm, got {self.normalization!r}"
+            )
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             raise ValueError(
                 "model.position_embedding_type must be 'rope' or 'learned_absolute', "
                 f"got {self.position_embedding_type!r}"
             )
         if self.params_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.params_dtype must be float32 or bfloat16, got {self.params_dtype!r}")
+            raise ValueError(
+                f"model.params_dtype must be float32 or bfloat16, got {self.params_dtype!r}"
+            )
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise ValueError(
                 f"model.transformer_impl must be 'local' or 'transformer_engine', got {self.transformer_impl!r}"

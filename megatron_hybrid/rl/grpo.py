@@ -30,7 +30,7 @@ from megatron_hybrid.rl.generation import (
 from megatron_hybrid.rl.losses import PolicyLossConfig, get_policy_loss, normalizer_count
 from megatron_hybrid.rl.reference import ReferencePolicy
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
-from megatron_hybrid.train.step import OptimConfig, run_schedule, set_learning_rate
+from megatron_hybrid.train.step import OptimConfig, run_schedule, set_learning_rate, zero_grads
 
 __all__ = ["GRPOConfig", "RLBatch", "StepStats", "grpo_step"]
 
@@ -175,8 +175,7 @@ def policy_update(
 
     Returns the loss (normalised by this rank's count; None off the last stage) and mean metrics.
     """
-    for c in ddp_chunks:
-        c.zero_grad_buffer()
+    zero_grads(ddp_chunks)
     reports = run_schedule(ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg))
     set_learning_rate(optimizer, optim, step, total_steps)
     ok, _, _ = optimizer.step()

@@ -148,13 +148,11 @@ def _candidate_table(demo) -> dict[str, dict]:
 
 
 def _load_init_checkpoint(cfg: PostTrainConfig, demo) -> list[dict]:
-    """Local state dicts of the base model from a Megatron checkpoint directory."""
-    try:
-        from megatron_hybrid.checkpoint import load_base_model
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"init_checkpoint needs the checkpoint package: {e}") from None
+    """Local state dicts of the base model from a Megatron checkpoint (``convert-hf`` output)."""
+    from megatron_hybrid.checkpoint import load_model
+
     chunks = demo.fresh_model()
-    load_base_model(chunks, cfg.init_checkpoint)
+    load_model(cfg.init_checkpoint, chunks, demo.cfg.model)
     return [
         {k: v.detach().clone() for k, v in c.state_dict().items() if not k.endswith("_extra_state")}
         for c in chunks

@@ -21,11 +21,11 @@ from megatron_hybrid.checkpoint.run import RunCheckpointer
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
-from megatron_hybrid.peft.apply import PlanSummary, apply_hybrid_plan, all_linear_names
+from megatron_hybrid.peft.apply import PlanSummary, all_linear_names, apply_hybrid_plan
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import PeftSpec
-from megatron_hybrid.scoring.plan_io import load_plan
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
+from megatron_hybrid.scoring.plan_io import load_plan
 from megatron_hybrid.train.step import (
     Batch,
     OptimConfig,
@@ -35,7 +35,7 @@ from megatron_hybrid.train.step import (
     wrap_ddp,
 )
 
-__all__ = ["QuickstartConfig", "RunConfig", "run_quickstart", "global_batch_shard"]
+__all__ = ["QuickstartConfig", "RunConfig", "global_batch_shard", "run_quickstart"]
 
 
 @dataclass
@@ -58,7 +58,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"run.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"run.{key} must be a positive integer, got {getattr(self, key)!r}"
+                )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"run.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -79,7 +81,9 @@ def _default_peft() -> PeftSpec:
 class QuickstartConfig:
     """Everything the quick-start job needs (YAML sections of the same names)."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(vocab_size=CharTokenizer().vocab_size))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(vocab_size=CharTokenizer().vocab_size)
+    )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     peft: PeftSpec = field(default_factory=_default_peft)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
@@ -91,7 +95,9 @@ class QuickstartConfig:
     """Saving trainables, resuming, and the base-model checkpoint to start from."""
 
 
-def global_batch_shard(batch: Batch, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[Batch]:
+def global_batch_shard(
+    batch: Batch, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[Batch]:
     """This data-parallel rank's micro-batches of a global batch (contiguous rows per rank)."""
     rows = batch.tokens.shape[0]
     if rows % (micro_batch_size * dp_size):
@@ -121,7 +127,9 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
     "first_step"}`` (``losses`` of the steps this call ran, from ``first_step``)."""
     tok = CharTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) < tokenizer vocabulary ({tok.vocab_size})")
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) < tokenizer vocabulary ({tok.vocab_size})"
+        )
     initialize_runtime(cfg.parallel, seed=cfg.run.seed)
     try:
         chunks = build_model(cfg.model, cfg.parallel)
@@ -146,7 +154,9 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
             )
         logging = _is_logging_rank()
         if torch.distributed.get_rank() == 0:
-            printer(f"layout: TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} DP={dp_size}")
+            printer(
+                f"layout: TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} DP={dp_size}"
+            )
             printer(summary.table())
         gen = torch.Generator().manual_seed(cfg.run.seed)
         data_state = {"generator": gen}
@@ -154,7 +164,9 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
         losses: list[float] = []
         start = time.perf_counter()
         for step in range(first, cfg.run.steps + 1):
-            batch = make_sft_batch(cfg.task.sample(cfg.run.global_batch_size, gen), tok, cfg.run.seq_length)
+            batch = make_sft_batch(
+                cfg.task.sample(cfg.run.global_batch_size, gen), tok, cfg.run.seq_length
+            )
             micro = global_batch_shard(batch, cfg.run.micro_batch_size, dp_rank, dp_size)
             set_learning_rate(optimizer, cfg.optim, step - 1, cfg.run.steps)
             loss = lm_forward_backward(ddp, micro)
@@ -168,7 +180,9 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
             run_ckpt.after_step(step, cfg.run.steps, ddp, optimizer, plan, data_state)
         wall = time.perf_counter() - start
         if logging and losses:
-            printer(f"trained {cfg.run.steps} steps in {wall:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+            printer(
+                f"trained {cfg.run.steps} steps in {wall:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            )
         return {"losses": losses, "summary": summary, "wall_time_s": wall, "first_step": first}
     finally:
         destroy_runtime()

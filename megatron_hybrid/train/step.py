@@ -27,12 +27,13 @@ __all__ = [
     "Batch",
     "OptimConfig",
     "build_optimizer",
+    "learning_rate_factor",
     "lm_forward_backward",
     "reduce_loss_reports",
-    "learning_rate_factor",
     "run_schedule",
     "set_learning_rate",
     "wrap_ddp",
+    "zero_grads",
 ]
 
 
@@ -192,6 +193,19 @@ def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
     return output, partial(_loss_func, batch.loss_mask)
 
 
+def zero_grads(chunks: Sequence[DistributedDataParallel]) -> None:
+    """Zero DDP's gradient buffers before a new forward/backward.
+
+    Megatron's ``optimizer.step()`` leaves ``param.grad`` aliasing ``param.main_grad``; autograd
+    would accumulate the next gradient into it and DDP's hook add it to ``main_grad`` again (2x),
+    so ``param.grad`` is cleared too.
+    """
+    for c in chunks:
+        c.zero_grad_buffer()
+        for p in c.parameters():
+            p.grad = None
+
+
 def run_schedule(
     chunks: Sequence[torch.nn.Module],
     micro_batches: Sequence,
@@ -250,10 +264,5 @@ def lm_forward_backward(
         The mean token loss over the global batch on the last pipeline stage, else None.
     """
     if not forward_only:
-        for c in chunks:
-            c.zero_grad_buffer()
-            # Megatron's optimizer.step() leaves param.grad aliasing param.main_grad; autograd would
-            # accumulate the next gradient into it and DDP's hook add it to main_grad again (2x).
-            for p in c.parameters():
-                p.grad = None
+        zero_grads(chunks)
     return reduce_loss_reports(run_schedule(chunks, micro_batches, forward_only=forward_only))
