@@ -53,9 +53,10 @@ class ProblemSet:
 
 
 def make_problem_set(
-    task: ArithTask, test_size: int, val_size: int, seed: int = 12345
+    task: ArithTask, test_size: int, val_size: int, seed: int = 12345, train_pool: int = 50_000
 ) -> ProblemSet:
-    """Enumerate small problem spaces and split them; sample large ones (test/val disjoint from train)."""
+    """Enumerate small problem spaces and split them; sample large ones (``train_pool`` training
+    problems, with the held-out test/validation prompts removed from them)."""
     gen = torch.Generator().manual_seed(seed)
     if task.space_size() <= 200_000:
         pairs = task.enumerate_all()
@@ -71,7 +72,9 @@ def make_problem_set(
             pairs[:test_size],
         )
     held = task.sample(test_size + val_size, gen)
-    return ProblemSet([], held[test_size:], held[:test_size])
+    seen = {p for p, _ in held}
+    train = [pair for pair in task.sample(train_pool, gen) if pair[0] not in seen]
+    return ProblemSet(train, held[test_size:], held[:test_size])
 
 
 @dataclass

@@ -77,3 +77,15 @@ def test_write_report_files(tmp_path):
     # hybrid closes (0.5 - 0.2) / (0.6 - 0.2) = 75% of the gap
     assert "| hybrid | 0.500" in md and "75%" in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_problem_sets_are_disjoint_and_nonempty_for_small_and_large_spaces():
+    from megatron_hybrid.data.arith import ArithTask
+    from megatron_hybrid.demo.runner import make_problem_set
+
+    for task in (ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9),
+                 ArithTask(op="+", min_digits=3, max_digits=4)):
+        ps = make_problem_set(task, 100, 50)
+        assert len(ps.test) == 100 and len(ps.val) == 50 and len(ps.train) > 1000
+        held = {p for p, _ in ps.test + ps.val}
+        assert not held & {p for p, _ in ps.train}
