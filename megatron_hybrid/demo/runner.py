@@ -211,15 +211,18 @@ class Demo:
             reward="math" if self.cfg.grpo.grpo.reward == "math" else "exact_int",
         )
 
+    def _shard(self, batch, batch_size: int):
+        """This DP rank's share of a global batch, as two micro-batches."""
+        micro = max(batch_size // self.dp_size // 2, 1)
+        return global_batch_shard(batch, micro, self.dp_rank, self.dp_size)
+
     def sft_batches(self, pairs, batch_size: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
 
         def draw():
             idx = torch.randint(0, len(pairs), (batch_size,), generator=gen).tolist()
             batch = make_sft_batch([pairs[i] for i in idx], self.tok, self.cfg.seq_length)
-            return global_batch_shard(
-                batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size
-            )
+            return self._shard(batch, batch_size)
 
         return draw
 
@@ -279,9 +282,7 @@ class Demo:
 
         def draw():
             batch = make_sft_batch(task.sample(batch_size, gen), self.tok, self.cfg.seq_length)
-            return global_batch_shard(
-                batch, max(batch_size // self.dp_size // 2, 1), self.dp_rank, self.dp_size
-            )
+            return self._shard(batch, batch_size)
 
         return draw
 
