@@ -45,12 +45,23 @@ def _plan_show(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from megatron_hybrid.config import load_config
     from megatron_hybrid.demo.config import DemoConfig, quick_overrides
-    from megatron_hybrid.demo.runner import run_demo
+    from megatron_hybrid.demo.runner import default_sweep_grid, run_demo, run_sweep
 
     overrides = (quick_overrides() if args.quick else []) + list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
     cfg = load_config(DemoConfig, args.config, overrides)
+    if args.sweep:
+        lrs = None
+        if args.lrs:
+            try:
+                lrs = [float(x) for x in args.lrs.split(",")]
+            except ValueError:
+                raise SystemExit(
+                    f"--lrs must be comma-separated numbers, got {args.lrs!r}"
+                ) from None
+        run_sweep(cfg, args.sweep, default_sweep_grid(cfg, args.sweep, lrs))
+        return 0
     run_demo(cfg)
     return 0
 
@@ -102,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a few-minute smoke-test preset (1 seed, short stages)"
     )
     demo.add_argument("--out", help="output directory (default runs/demo)")
+    demo.add_argument(
+        "--sweep",
+        choices=("sft", "grpo"),
+        help="instead of the benchmark: sweep each mode's learning rate for this stage on the "
+        "validation split (seed 0) and write <out>/sweep_<stage>.json",
+    )
+    demo.add_argument(
+        "--lrs",
+        help="comma-separated learning rates for --sweep (default: each mode's configured rate "
+        "x 1/3, 1, 3)",
+    )
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0,1,2]")
     demo.set_defaults(func=_demo)
 

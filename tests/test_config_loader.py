@@ -105,7 +105,7 @@ def test_parse_overrides_errors(items, match):
 @pytest.mark.parametrize(
     ("override", "get", "expected"),
     [
-        ("model.num_layers=2", lambda c: c.model.vocab_size, 16),  # tokenizer-sized vocabulary
+        ("model.num_layers=2", lambda c: c.model.vocab_size, 17),  # tokenizer-sized vocabulary
         ("peft.lora.rank=8", lambda c: c.peft.lora.alpha, 8.0),
         ("peft.lora.rank=8", lambda c: len(c.peft.fft_modules), 2),
         ("optim.weight_decay=0.1", lambda c: c.optim.lr, 3e-3),

@@ -1,7 +1,11 @@
 """A built-in verifiable task: integer arithmetic with a character tokenizer.
 
 Problems look like ``"123+45="`` with answer ``"168"`` followed by the end token ``$``. The answer is
-written most-significant digit first. Everything is generated locally from a seed, so the demo
+written most-significant digit first. Operations: ``+``, ``-``, ``*`` and ``#``, the digit-wise
+difference mod 10 (``"123#45="`` -> ``"188"``: operands right-aligned and zero-padded to the longer
+one, each answer digit is ``(a_i - b_i) mod 10``, no borrows). ``#`` reuses the digit alignment an
+addition model has learned but needs a new per-digit table, which makes it a good "new operation"
+for post-training benchmarks. Everything is generated locally from a seed, so the demo
 needs no download.
 """
 
@@ -13,7 +17,7 @@ import torch
 
 from megatron_hybrid.train.step import Batch
 
-__all__ = ["ArithTask", "CharTokenizer", "make_sft_batch"]
+__all__ = ["OPS", "ArithTask", "CharTokenizer", "make_sft_batch"]
 
 
 class CharTokenizer:
@@ -24,7 +28,7 @@ class CharTokenizer:
 
     PAD = "_"
     EOS = "$"
-    CHARS = PAD + "0123456789+-*=" + EOS
+    CHARS = PAD + "0123456789+-*#=" + EOS
 
     def __init__(self, chars: str | None = None) -> None:
         if chars is not None:
@@ -72,6 +76,10 @@ class CharTokenizer:
         return "".join(self.CHARS[i] for i in ids if 0 < i < len(self.CHARS))
 
 
+#: Supported operations (``#``: digit-wise difference mod 10, see the module docstring).
+OPS = ("+", "-", "*", "#")
+
+
 @dataclass
 class ArithTask:
     """Random problems ``a <op> b`` with ``a`` of ``min_digits..max_digits`` digits."""
@@ -83,14 +91,19 @@ class ArithTask:
     """Upper bound of ``b`` (None: same digit range as ``a``)."""
     b_min: int = 0
     """Lower bound of ``b`` when ``b_max`` is set."""
+    symbol: str | None = None
+    """Character written between the operands (None: ``op`` itself). The demo writes ``#`` as
+    ``-`` ("borrow-free subtraction"): see docs/benchmark.md for why the symbol matters."""
 
     def __post_init__(self) -> None:
-        if self.op not in "+-*" or len(self.op) != 1:
-            raise ValueError(f"task.op must be one of '+', '-', '*', got {self.op!r}")
+        if self.op not in OPS:
+            raise ValueError(f"task.op must be one of {', '.join(map(repr, OPS))}, got {self.op!r}")
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(
                 f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
             )
+        if self.symbol is not None and (len(self.symbol) != 1 or self.symbol in "0123456789=$_"):
+            raise ValueError(f"task.symbol must be one non-digit character, got {self.symbol!r}")
         b_max = self.b_max
         if b_max is not None and (type(b_max) is not int or b_max < 0):
             raise ValueError(f"task.b_max must be a non-negative integer or null, got {b_max!r}")
@@ -109,8 +122,13 @@ class ArithTask:
         return (hi - lo + 1) * (b_hi - b_lo + 1)
 
     def format(self, a: int, b: int) -> tuple[str, str]:
+        sym = self.symbol or self.op
+        if self.op == "#":
+            width = max(len(str(a)), len(str(b)))
+            digits = zip(str(a).zfill(width), str(b).zfill(width))
+            return f"{a}{sym}{b}=", "".join(str((int(x) - int(y)) % 10) for x, y in digits)
         value = a + b if self.op == "+" else a - b if self.op == "-" else a * b
-        return f"{a}{self.op}{b}=", str(value)
+        return f"{a}{sym}{b}=", str(value)
 
     def enumerate_all(self) -> list[tuple[str, str]]:
         """Every problem, in a fixed order (for small spaces that are split into train/val/test)."""

@@ -37,6 +37,16 @@ def paired(runs: list[dict], stage: str, a: str, b: str) -> tuple[float, float, 
     return statistics.fmean(diffs), se, len(diffs)
 
 
+def _final_reward(runs: list[dict], last: int = 10) -> float:
+    """Mean training reward over each run's last ``last`` steps, averaged over runs (NaN: none)."""
+    per_run = [
+        statistics.fmean(v for _, v in r["reward_curve"][-last:])
+        for r in runs
+        if r.get("reward_curve")
+    ]
+    return statistics.fmean(per_run) if per_run else math.nan
+
+
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """stage -> mode -> aggregated numbers."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -55,8 +65,17 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             "optimizer_state_bytes": statistics.fmean(r["optimizer_state_bytes"] for r in rs),
             "peak_memory_bytes": statistics.fmean(r["peak_memory_bytes"] for r in rs),
             "training_state_bytes": statistics.fmean(r.get("training_state_bytes", 0) for r in rs),
+            "final_reward": _final_reward(rs),
         }
     return out
+
+
+#: The FFT - LoRA gap (in paired standard errors) below which "share closed" is not reported.
+MIN_GAP_SE = 3.0
+
+
+def _significant_gap(gap: float, se: float) -> bool:
+    return not math.isnan(gap) and gap > 0 and (math.isnan(se) or se == 0 or gap >= MIN_GAP_SE * se)
 
 
 def _fmt_pair(m: float, se: float) -> str:
@@ -78,27 +97,33 @@ def _markdown(data: dict) -> str:
     for stage, modes in summary.items():
         lines += ["", f"## Stage: {stage}", ""]
         lines.append(
-            "| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | wall time (s) | trainable params | optimizer state (MiB) | training state (MiB) | peak memory (MiB) |"
+            "| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | reward, last 10 steps | wall time (s) | trainable params | optimizer state (MiB) | training state (MiB) | peak memory (MiB) |"
         )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         gap, gap_se, _ = paired(runs, stage, "fft", "lora")
         for mode, s in modes.items():
             vf = paired(runs, stage, mode, "fft")
             vl = paired(runs, stage, mode, "lora")
             closed = (
-                "-"
-                if mode in ("fft", "lora") or math.isnan(gap) or abs(gap) < 1e-12
-                else f"{100 * vl[0] / gap:.0f}%"
+                f"{100 * vl[0] / gap:.0f}%"
+                if mode not in ("fft", "lora") and _significant_gap(gap, gap_se)
+                else "-"
             )
             lines.append(
                 f"| {mode} | {s['acc_mean']:.3f} +- {s['acc_sd']:.3f} (n={s['n']}) | {_fmt_pair(vf[0], vf[1]) if mode != 'fft' else '-'} | "
-                f"{_fmt_pair(vl[0], vl[1]) if mode != 'lora' else '-'} | {closed} | {s['wall_time_s']:.1f} | "
+                f"{_fmt_pair(vl[0], vl[1]) if mode != 'lora' else '-'} | {closed} | "
+                f"{'-' if math.isnan(s['final_reward']) else format(s['final_reward'], '.3f')} | {s['wall_time_s']:.1f} | "
                 f"{s['trainable_params']:,.0f} | {s['optimizer_state_bytes'] / 2**20:.2f} | {s['training_state_bytes'] / 2**20:.2f} | {s['peak_memory_bytes'] / 2**20:.1f} |"
             )
         if not math.isnan(gap):
             sig = "" if math.isnan(gap_se) or gap_se == 0 else f" = {gap / gap_se:.1f} paired SE"
             lines.append("")
             lines.append(f"FFT - LoRA gap: {_fmt_pair(gap, gap_se)}{sig}.")
+            if not _significant_gap(gap, gap_se):
+                lines.append(
+                    f"No FFT > LoRA gap of >= {MIN_GAP_SE:g} paired SE: the share of the gap closed "
+                    "is not reported."
+                )
         for other in ("hybrid-random", "hybrid-gradnorm"):
             if other in modes and "hybrid" in modes:
                 m, se, n = paired(runs, stage, "hybrid", other)

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim
+from megatron_hybrid.demo.pool import resolve_workers, run_jobs
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
@@ -40,7 +41,14 @@ from megatron_hybrid.train.step import (
     wrap_ddp,
 )
 
-__all__ = ["ProblemSet", "RunResult", "make_problem_set", "run_demo"]
+__all__ = [
+    "ProblemSet",
+    "RunResult",
+    "default_sweep_grid",
+    "make_problem_set",
+    "run_demo",
+    "run_sweep",
+]
 
 
 @dataclass
@@ -167,7 +175,14 @@ def _digest(*objs) -> str:
 class Demo:
     """State shared by the runs of one benchmark (base weights, tokenizer, score tables)."""
 
-    def __init__(self, cfg: DemoConfig, printer: Callable[[str], None], tokenizer=None) -> None:
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        printer: Callable[[str], None],
+        tokenizer=None,
+        *,
+        log_suffix: str = "",
+    ) -> None:
         self.cfg = cfg
         self.tok = tokenizer or CharTokenizer()
         self.say = printer
@@ -175,12 +190,16 @@ class Demo:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.base_state: dict[str, torch.Tensor] | None = None
+        self.base_path: Path | None = None
+        """This rank's cached base weights (set by :meth:`warm_up`; worker processes load it)."""
         self.writer = None
         if cfg.tensorboard and self.rank0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(cfg.out) / "tensorboard"))
+                self.writer = SummaryWriter(
+                    str(Path(cfg.out) / "tensorboard"), filename_suffix=log_suffix
+                )
             except Exception as e:  # noqa: BLE001 - tensorboard is optional
                 self.say(f"(TensorBoard logging off: {e})")
 
@@ -234,6 +253,7 @@ class Demo:
         layout = f"tp{cfg.parallel.tensor_model_parallel_size}pp{cfg.parallel.pipeline_model_parallel_size}"
         mp_rank = parallel_state.get_model_parallel_group().rank()
         path = cache / f"base-{key}-{layout}-mp{mp_rank}.pt"
+        self.base_path = path
         found = torch.tensor([1 if path.is_file() else 0])
         dist.all_reduce(found, op=dist.ReduceOp.MIN)
         if int(found):
@@ -461,15 +481,9 @@ def run_demo(
         demo = Demo(cfg, say)
         start = time.perf_counter()
         demo.warm_up()
-        results: list[RunResult] = []
         stages = [s for s in ("sft", "grpo") if getattr(cfg, s).enabled]
-        total = len(stages) * len(cfg.modes) * len(cfg.seeds)
-        bar = None
-        if progress and rank0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="runs", unit="run")
         plans_used: dict[str, dict] = {}
+        jobs = []
         for stage in stages:
             scfg = getattr(cfg, stage)
             problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
@@ -478,17 +492,30 @@ def run_demo(
             for seed in cfg.seeds:
                 for mode in cfg.modes:
                     plan = demo.plan_for(mode, table, seed)
-                    if bar is not None:
-                        bar.set_postfix_str(f"{stage} {mode} seed {seed}")
-                    res = demo.run(stage, mode, seed, problems, plan, scfg.modes[mode])
-                    results.append(res)
-                    if rank0:  # partial results survive an interrupted benchmark
-                        _write_partial(Path(cfg.out), cfg, results, time.perf_counter() - start)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.write(
-                            f"  {stage:4s} {mode:16s} seed {seed}: held-out accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
-                        )
+                    jobs.append((stage, mode, seed, problems, plan, scfg.modes[mode]))
+        workers = resolve_workers(cfg.workers, len(jobs))
+        say(f"{len(jobs)} runs in {workers} process{'es' if workers > 1 else ''}")
+        bar = None
+        if progress and rank0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(jobs), desc="runs", unit="run")
+        done: dict[int, RunResult] = {}
+
+        def on_result(index: int, res: RunResult) -> None:
+            done[index] = res
+            if rank0:  # partial results survive an interrupted benchmark
+                partial = [done[i] for i in sorted(done)]
+                _write_partial(Path(cfg.out), cfg, partial, time.perf_counter() - start)
+            if bar is not None:
+                bar.update(1)
+                bar.write(
+                    f"  {res.stage:4s} {res.mode:16s} seed {res.seed}: held-out accuracy "
+                    f"{res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
+                )
+
+        run_jobs(demo, jobs, workers, on_result)
+        results = [done[i] for i in range(len(jobs))]
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -506,6 +533,20 @@ def run_demo(
         return out
     finally:
         destroy_runtime()
+
+
+def default_sweep_grid(
+    cfg: DemoConfig, stage: str, lrs: list[float] | None = None
+) -> dict[str, list[float]]:
+    """mode -> learning rates: ``lrs`` for every mode, else the stage's rate x (1/3, 1, 3)."""
+    if stage not in ("sft", "grpo"):
+        raise ValueError(f"unknown stage {stage!r}; valid: sft, grpo")
+    if lrs is not None and (not lrs or any(not lr > 0 for lr in lrs)):
+        raise ValueError(f"sweep learning rates must be > 0, got {lrs}")
+    modes = getattr(cfg, stage).modes
+    return {
+        m: list(lrs) if lrs else [modes[m].lr / 3, modes[m].lr, modes[m].lr * 3] for m in cfg.modes
+    }
 
 
 def run_sweep(
@@ -529,24 +570,33 @@ def run_sweep(
         problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
         on_val = ProblemSet(train=problems.train, val=problems.val, test=problems.val)
         table = demo.score_table(problems, stage)
+        points = [(mode, lr) for mode, lrs in grid.items() for lr in lrs]
+        jobs = [
+            (
+                stage,
+                mode,
+                seed,
+                on_val,
+                demo.plan_for(mode, table, seed),
+                replace(scfg.modes[mode], lr=lr),
+            )
+            for mode, lr in points
+        ]
+        found: dict[int, float] = {}
+
+        def on_result(index: int, res: RunResult) -> None:
+            found[index] = res.final_heldout_accuracy
+            mode, lr = points[index]
+            say(
+                f"  sweep {stage} {mode:16s} lr {lr:.1e}: validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
+            )
+
+        run_jobs(demo, jobs, resolve_workers(cfg.workers, len(jobs)), on_result)
         out: dict[str, dict] = {}
-        for mode, lrs in grid.items():
-            results = []
-            for lr in lrs:
-                res = demo.run(
-                    stage,
-                    mode,
-                    seed,
-                    on_val,
-                    demo.plan_for(mode, table, seed),
-                    replace(scfg.modes[mode], lr=lr),
-                )
-                results.append([lr, res.final_heldout_accuracy])
-                say(
-                    f"  sweep {stage} {mode:16s} lr {lr:.1e}: validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
-                )
-            best = max(results, key=lambda x: (x[1], -x[0]))[0]
-            out[mode] = {"best_lr": best, "results": results}
+        for i, (mode, lr) in enumerate(points):
+            out.setdefault(mode, {"results": []})["results"].append([lr, found[i]])
+        for entry in out.values():
+            entry["best_lr"] = max(entry["results"], key=lambda x: (x[1], -x[0]))[0]
         if rank0:
             path = Path(cfg.out) / f"sweep_{stage}.json"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,9 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{key} must be an integer >= 1, got {value!r}")
         dp = self.data_parallel_size
         if dp is not None and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1):
-            raise ValueError(f"parallel.data_parallel_size must be an integer >= 1 or null, got {dp!r}")
+            raise ValueError(
+                f"parallel.data_parallel_size must be an integer >= 1 or null, got {dp!r}"
+            )
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
             if not isinstance(vpp, int) or vpp < 1:

@@ -12,7 +12,7 @@ TOK = CharTokenizer()
 
 # -- tokenizer --------------------------------------------------------------------------------
 def test_round_trip_of_every_printable_character():
-    text = "0123456789+-*=$"
+    text = "0123456789+-*#=$"
     ids = TOK.encode(text)
     assert len(ids) == len(text) and all(0 < i < TOK.vocab_size for i in ids)
     assert TOK.decode(ids) == text
@@ -20,7 +20,7 @@ def test_round_trip_of_every_printable_character():
 
 
 def test_special_ids_and_vocab_size():
-    assert TOK.vocab_size == len(set(CharTokenizer.CHARS)) == 16
+    assert TOK.vocab_size == len(set(CharTokenizer.CHARS)) == 17
     assert TOK.pad_id == 0 and TOK.encode(CharTokenizer.PAD) == [0]
     assert TOK.encode(CharTokenizer.EOS) == [TOK.eos_id]
 
@@ -49,6 +49,34 @@ def test_samples_are_correct_and_within_the_digit_range(op):
         assert 10 <= a < 1000 and 10 <= b < 1000
         assert int(answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
         TOK.encode(prompt + answer)  # always in the alphabet
+
+
+def _digitwise_difference(a: int, b: int) -> str:
+    """Reference for ``#``: pad both to the same width, subtract digit by digit mod 10."""
+    sa, sb = f"{a:0{len(str(max(a, b)))}d}", f"{b:0{len(str(max(a, b)))}d}"
+    return "".join("0123456789"[(int(x) - int(y) + 10) % 10] for x, y in zip(sa, sb))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "answer"),
+    [(123, 45, "188"), (45, 123, "922"), (7, 9, "8"), (500, 500, "000"), (90, 5, "95")],
+)
+def test_digitwise_difference_by_hand(a, b, answer):
+    assert ArithTask(op="#").format(a, b) == (f"{a}#{b}=", answer)
+
+
+def test_digitwise_difference_samples_match_the_reference():
+    pairs = ArithTask(op="#", min_digits=1, max_digits=3).sample(300, torch.Generator().manual_seed(1))
+    for prompt, answer in pairs:
+        a, b = (int(x) for x in prompt[:-1].split("#"))
+        assert answer == _digitwise_difference(a, b)
+        assert len(answer) == max(len(str(a)), len(str(b)))
+        TOK.encode(prompt + answer)
+
+
+def test_unknown_op_error_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"task.op must be one of '\+', '-', '\*', '#', got '/'"):
+        ArithTask(op="/")
 
 
 def test_b_max_bounds_the_second_operand():

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.multirank import REPO_ROOT
+from tests.demo.cli import demo_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,29 +24,14 @@ FIELDS = {
 
 
 def test_demo_quick_smoke(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2")
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_hybrid.cli",
-            "demo",
-            "--quick",
-            "--out",
-            str(out),
-            f"cache_dir={tmp_path / 'cache'}",
-            "tensorboard=false",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = demo_cli(
+        "--quick",
+        "--out",
+        str(out),
+        f"cache_dir={tmp_path / 'cache'}",
+        "tensorboard=false",
+        threads=2,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -63,6 +63,14 @@ def test_summarize_means_and_sds():
     assert s["hybrid"]["n"] == 3
 
 
+def test_final_reward_is_the_mean_of_each_runs_last_steps():
+    runs = [_run("fft", 0, 0.2, "grpo"), _run("fft", 1, 0.2, "grpo")]
+    runs[0]["reward_curve"] = [[i, 0.0 if i <= 5 else 1.0] for i in range(1, 16)]  # last 10: 1.0
+    runs[1]["reward_curve"] = [[1, 0.2], [2, 0.4]]  # fewer than 10 steps: all of them, 0.3
+    assert summarize(runs)["grpo"]["fft"]["final_reward"] == pytest.approx((1.0 + 0.3) / 2)
+    assert math.isnan(summarize(RUNS)["sft"]["fft"]["final_reward"])
+
+
 def test_write_report_files(tmp_path):
     data = {
         "config": {"score": {"method": "probe_residual"}},
@@ -76,15 +84,35 @@ def test_write_report_files(tmp_path):
     md = (tmp_path / "report.md").read_text()
     # hybrid closes (0.5 - 0.2) / (0.6 - 0.2) = 75% of the gap
     assert "| hybrid | 0.500" in md and "75%" in md
+    assert "| 75% | - |" in md  # no reward column value for the SFT stage
+    assert "| 0.150 |" in md  # GRPO: mean of the reward curve [0.1, 0.2]
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_share_closed_is_only_reported_for_a_significant_fft_lora_gap(tmp_path):
+    noisy = [
+        _run("fft", 0, 0.30),
+        _run("fft", 1, 0.10),
+        _run("lora", 0, 0.10),
+        _run("lora", 1, 0.20),  # paired gap +0.05 +- 0.15: not significant
+        _run("hybrid", 0, 0.2),
+        _run("hybrid", 1, 0.2),
+    ]
+    data = {"config": {"score": {"method": "x"}}, "total_wall_time_s": 1.0, "runs": noisy}
+    write_report(data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No FFT > LoRA gap of >= 3 paired SE" in md
+    assert "%" not in md.split("FFT - LoRA gap")[0].split("| hybrid |")[1]
 
 
 def test_problem_sets_are_disjoint_and_nonempty_for_small_and_large_spaces():
     from megatron_hybrid.data.arith import ArithTask
     from megatron_hybrid.demo.runner import make_problem_set
 
-    for task in (ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9),
-                 ArithTask(op="+", min_digits=3, max_digits=4)):
+    for task in (
+        ArithTask(op="*", min_digits=2, max_digits=3, b_min=2, b_max=9),
+        ArithTask(op="+", min_digits=3, max_digits=4),
+    ):
         ps = make_problem_set(task, 100, 50)
         assert len(ps.test) == 100 and len(ps.val) == 50 and len(ps.train) > 1000
         held = {p for p, _ in ps.test + ps.val}
