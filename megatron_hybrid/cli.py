@@ -50,13 +50,15 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = (quick_overrides() if args.quick else []) + list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
+    if args.lrs is not None and not args.sweep:
+        raise SystemExit("--lrs only applies with --sweep sft|grpo")
     cfg = load_config(DemoConfig, args.config, overrides)
     if args.sweep:
         lrs = None
-        if args.lrs:
+        if args.lrs is not None:
             try:
                 lrs = [float(x) for x in args.lrs.split(",")]
-            except ValueError:
+            except ValueError:  # also the empty string
                 raise SystemExit(
                     f"--lrs must be comma-separated numbers, got {args.lrs!r}"
                 ) from None

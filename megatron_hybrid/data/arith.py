@@ -5,7 +5,9 @@ written most-significant digit first. Operations: ``+``, ``-``, ``*`` and ``#``,
 difference mod 10 (``"123#45="`` -> ``"188"``: operands right-aligned and zero-padded to the longer
 one, each answer digit is ``(a_i - b_i) mod 10``, no borrows). ``#`` reuses the digit alignment an
 addition model has learned but needs a new per-digit table, which makes it a good "new operation"
-for post-training benchmarks. Everything is generated locally from a seed, so the demo
+for post-training benchmarks. Its answers keep their leading zeros (``"500#500="`` -> ``"000"``) as
+training targets, while the integer rewards (``exact_int``, ``digit_partial``) compare values, so
+``"0"`` also scores as correct there. Everything is generated locally from a seed, so the demo
 needs no download.
 """
 
@@ -102,8 +104,13 @@ class ArithTask:
             raise ValueError(
                 f"task digits must satisfy 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}"
             )
-        if self.symbol is not None and (len(self.symbol) != 1 or self.symbol in "0123456789=$_"):
-            raise ValueError(f"task.symbol must be one non-digit character, got {self.symbol!r}")
+        allowed = "".join(OPS)
+        if self.symbol is not None and (
+            not isinstance(self.symbol, str) or len(self.symbol) != 1 or self.symbol not in allowed
+        ):
+            raise ValueError(
+                f"task.symbol must be one of {', '.join(map(repr, allowed))} or null, got {self.symbol!r}"
+            )
         b_max = self.b_max
         if b_max is not None and (type(b_max) is not int or b_max < 0):
             raise ValueError(f"task.b_max must be a non-negative integer or null, got {b_max!r}")

@@ -60,8 +60,15 @@ def resolve_workers(requested: int, n_jobs: int) -> int:
                 f"({dist.get_world_size()} ranks) every rank takes part in every run: set workers=1"
             )
         return 1
+    if torch.cuda.is_available():
+        if requested > 1:
+            raise ValueError(
+                f"demo.workers={requested}: worker processes are for CPU runs (they would all "
+                "share one GPU); set workers=1 or 0"
+            )
+        return 1
     if requested == 0:
-        requested = 1 if torch.cuda.is_available() else min(available_cpus(), _MAX_AUTO_WORKERS)
+        requested = min(available_cpus(), _MAX_AUTO_WORKERS)
     return max(1, min(requested, n_jobs))
 
 
@@ -74,7 +81,9 @@ def run_jobs(
     """Run ``demo.run(*job)`` for every job; ``on_result(index, result)`` as each one finishes.
 
     With ``workers > 1`` the jobs run in that many spawned processes (results arrive in completion
-    order); the first failing job stops the rest and re-raises here.
+    order); the first failing job cancels the jobs not yet started and re-raises here once the
+    running ones have finished. Each worker gets ``cores // workers`` intra-op threads, never more
+    than this process has (``OMP_NUM_THREADS`` / ``torch.set_num_threads``).
     """
     if workers <= 1:
         for i, job in enumerate(jobs):
@@ -82,7 +91,7 @@ def run_jobs(
         return
     if demo.base_path is None or not demo.base_path.is_file():
         raise RuntimeError("worker processes need the cached base weights: call warm_up() first")
-    threads = max(1, available_cpus() // workers)
+    threads = max(1, min(available_cpus() // workers, torch.get_num_threads()))
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),

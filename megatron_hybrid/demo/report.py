@@ -75,7 +75,8 @@ MIN_GAP_SE = 3.0
 
 
 def _significant_gap(gap: float, se: float) -> bool:
-    return not math.isnan(gap) and gap > 0 and (math.isnan(se) or se == 0 or gap >= MIN_GAP_SE * se)
+    """FFT > LoRA by >= MIN_GAP_SE paired SE (NaN SE: fewer than 2 shared seeds, never significant)."""
+    return not math.isnan(gap) and not math.isnan(se) and gap > 0 and gap >= MIN_GAP_SE * se
 
 
 def _fmt_pair(m: float, se: float) -> str:

@@ -66,12 +66,28 @@ def test_digitwise_difference_by_hand(a, b, answer):
 
 
 def test_digitwise_difference_samples_match_the_reference():
-    pairs = ArithTask(op="#", min_digits=1, max_digits=3).sample(300, torch.Generator().manual_seed(1))
+    pairs = ArithTask(op="#", min_digits=1, max_digits=3).sample(
+        300, torch.Generator().manual_seed(1)
+    )
     for prompt, answer in pairs:
         a, b = (int(x) for x in prompt[:-1].split("#"))
         assert answer == _digitwise_difference(a, b)
         assert len(answer) == max(len(str(a)), len(str(b)))
         TOK.encode(prompt + answer)
+
+
+def test_symbol_changes_only_the_written_operator():
+    task = ArithTask(op="#", symbol="-")
+    assert task.format(123, 45) == ("123-45=", "188")
+    assert ArithTask(op="+", symbol="*").format(2, 3) == ("2*3=", "5")
+
+
+@pytest.mark.parametrize("bad", ["/", "7", "=", "--", 3])
+def test_bad_symbol_is_refused_with_the_allowed_ones(bad):
+    with pytest.raises(
+        ValueError, match=r"task.symbol must be one of '\+', '-', '\*', '#' or null"
+    ):
+        ArithTask(op="#", symbol=bad)
 
 
 def test_unknown_op_error_lists_the_valid_ones():

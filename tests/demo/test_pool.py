@@ -77,6 +77,8 @@ def test_resolve_workers_auto_explicit_and_capped(monkeypatch):
     assert pool.resolve_workers(6, 50) == 6
     monkeypatch.setattr(pool.torch.cuda, "is_available", lambda: True)
     assert pool.resolve_workers(0, 50) == 1
+    with pytest.raises(ValueError, match="worker processes are for CPU runs"):
+        pool.resolve_workers(2, 50)
     with pytest.raises(ValueError, match="demo.workers must be >= 0"):
         pool.resolve_workers(-1, 5)
 
@@ -119,7 +121,8 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
         "from megatron_hybrid.demo import pool\n"
         "def child(path):\n"
         "    pool._exit_with_parent(os.getppid(), interval_s=0.05)\n"
-        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+        "    os.replace(path + '.tmp', path)  # the parent sees the file only once it is complete\n"
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
         "    ctx = multiprocessing.get_context('spawn')\n"

@@ -41,3 +41,10 @@ def test_bad_sweep_rates_are_refused_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "--lrs must be comma-separated numbers, got '1e-3,fast'" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_lrs_without_sweep_is_refused(tmp_path):
+    proc = demo_cli("--lrs", "1e-3", "--out", str(tmp_path / "x"))
+    assert proc.returncode != 0
+    assert "--lrs only applies with --sweep sft|grpo" in proc.stderr
+    assert not (tmp_path / "x").exists()

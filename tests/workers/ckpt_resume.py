@@ -41,7 +41,11 @@ def config(tp: int, checkpoint: CheckpointConfig) -> QuickstartConfig:
                 "global_batch_size": 8,
                 "micro_batch_size": 4,
                 "log_interval": 100,
-            }
+            },
+            # A vocabulary padded to the same size at TP=1 and TP=2 (8 x TP multiples: 32 both),
+            # so the uninterrupted TP=1 run and the TP=2 run start from the same initial weights.
+            # (Checkpoints themselves reshard across paddings: tests/convert, tests/checkpoint.)
+            "model": {"vocab_size": 32},
         },
     )
     base.parallel = ParallelConfig(tensor_model_parallel_size=tp, timeout_minutes=5)
