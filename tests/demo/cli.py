@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 
-from megatron_hybrid.demo.pool import _LAUNCHER_ENV
-from tests.multirank import REPO_ROOT
+from tests.multirank import _RENDEZVOUS_VARS, REPO_ROOT
 
 
 def demo_cli(*args: str, threads: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
     env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads))
     return subprocess.run(
         [sys.executable, "-m", "megatron_hybrid.cli", "demo", *args],
