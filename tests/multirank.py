@@ -24,23 +24,26 @@ from pathlib import Path
 
 import psutil
 
+from megatron_hybrid.runtime.distributed import without_launcher_env
+
 __all__ = ["REPO_ROOT", "WORKERS_DIR", "free_port", "launch", "worker_path"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 
 _TAIL_CHARS = 20_000
-# Set by a one-rank runtime in the calling process (initialize_runtime without torchrun); torchrun
-# must choose them for its ranks.
-_RENDEZVOUS_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    """Environment for a child process that starts its own runtime: this process's, without the
+    rendezvous variables a one-rank runtime set here (the child or torchrun picks its own), with
+    the repository on ``PYTHONPATH`` and ``threads`` OpenMP threads."""
+    env = without_launcher_env(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    return env
 
 
 def free_port() -> int:
@@ -122,11 +125,7 @@ def launch(
         str(script),
         *map(str, args),
     ]
-    run_env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
-    run_env["OMP_NUM_THREADS"] = "1"
-    run_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
+    run_env = child_env()
     if env:
         run_env.update(env)
     # A session of its own so that a timeout can end whatever torchrun started.

@@ -9,7 +9,6 @@ keep alive. Errors raised before any runtime exists are checked in process throu
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -19,23 +18,11 @@ import pytest
 
 from megatron_hybrid.cli import main
 from megatron_hybrid.scoring.plan_io import PlanArtifact, load_plan
-from tests.multirank import REPO_ROOT
-
-# Set in this process by a one-rank runtime of an earlier test; the child must pick its own.
-_RENDEZVOUS_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+from tests.multirank import child_env
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "megatron_hybrid.cli", *args],
         check=False,

@@ -27,15 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["available_cpus", "resolve_workers", "run_jobs"]
 
-#: Launcher variables a worker must not inherit (it runs its own single-process runtime).
-_LAUNCHER_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 _MAX_AUTO_WORKERS = 8
 _STATE: dict[str, Any] = {}
 
@@ -120,10 +111,10 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
 
 def _init_worker(cfg, base_path: str, threads: int) -> None:
     from megatron_hybrid.demo.runner import Demo
-    from megatron_hybrid.runtime.distributed import initialize_runtime
+    from megatron_hybrid.runtime.distributed import LAUNCHER_ENV_VARS, initialize_runtime
 
     _exit_with_parent(os.getppid())
-    for key in _LAUNCHER_ENV:
+    for key in LAUNCHER_ENV_VARS:  # it runs its own one-process runtime
         os.environ.pop(key, None)
     torch.set_num_threads(threads)
     initialize_runtime(cfg.parallel, seed=1234)

@@ -17,7 +17,31 @@ import torch.distributed as dist
 
 from megatron_hybrid.runtime.cpu_compat import apply_cpu_compat_patches
 
-__all__ = ["ParallelConfig", "destroy_runtime", "device", "initialize_runtime"]
+__all__ = [
+    "LAUNCHER_ENV_VARS",
+    "ParallelConfig",
+    "destroy_runtime",
+    "device",
+    "initialize_runtime",
+    "without_launcher_env",
+]
+
+#: Variables ``torchrun`` sets for each rank (a one-rank runtime sets them for itself too). A
+#: process that starts a runtime of its own (a demo worker, a test's child) must not inherit them.
+LAUNCHER_ENV_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def without_launcher_env(env) -> dict[str, str]:
+    """A copy of ``env`` (a mapping of environment variables) without :data:`LAUNCHER_ENV_VARS`."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_ENV_VARS}
 
 
 @dataclass

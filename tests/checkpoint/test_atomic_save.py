@@ -9,14 +9,11 @@ import subprocess
 import sys
 
 from megatron_hybrid.checkpoint.commit import read_latest, verify_checkpoint
-from tests.multirank import REPO_ROOT, worker_path
-
-_RENDEZVOUS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+from tests.multirank import REPO_ROOT, child_env, worker_path
 
 
 def _killed(root, phase: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = child_env()
     cmd = [sys.executable, str(worker_path("ckpt_kill")), "--root", str(root), "--phase", phase]
     log = root.parent / f"{root.name}.{phase}.log"
     with open(log, "w") as out:

@@ -3,18 +3,15 @@ steps, bitwise at the same layout and to float-rounding tolerance after a TP=2 -
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.multirank import REPO_ROOT, launch, worker_path
+from tests.multirank import REPO_ROOT, child_env, launch, worker_path
 
 pytestmark = pytest.mark.multirank
-
-_RENDEZVOUS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def _single(tmp, phase: str) -> dict:
@@ -29,9 +26,7 @@ def _single(tmp, phase: str) -> dict:
         "--phase",
         phase,
     ]
-    # Rendezvous variables left by an in-process one-rank runtime must not leak into the worker.
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = child_env()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-10000:]
     return torch.load(out, weights_only=False)

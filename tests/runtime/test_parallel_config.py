@@ -27,3 +27,19 @@ def test_wrong_data_parallel_size_for_the_launch_is_an_error(single_rank_runtime
     with pytest.raises(ValueError, match=r"data_parallel_size is 2 but world size 1"):
         initialize_runtime(ParallelConfig(data_parallel_size=2))
     initialize_runtime(ParallelConfig(data_parallel_size=1))
+
+
+def test_without_launcher_env_drops_exactly_the_rendezvous_variables():
+    from megatron_hybrid.runtime.distributed import LAUNCHER_ENV_VARS, without_launcher_env
+
+    env = {k: "1" for k in LAUNCHER_ENV_VARS} | {"PATH": "/bin", "OMP_NUM_THREADS": "2"}
+    assert without_launcher_env(env) == {"PATH": "/bin", "OMP_NUM_THREADS": "2"}
+    assert set(env) - set(without_launcher_env(env)) == {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
