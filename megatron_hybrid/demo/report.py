@@ -128,7 +128,20 @@ def _markdown(data: dict) -> str:
         for other in ("hybrid-random", "hybrid-gradnorm"):
             if other in modes and "hybrid" in modes:
                 m, se, n = paired(runs, stage, "hybrid", other)
-                lines.append(f"hybrid - {other}: {_fmt_pair(m, se)} (n={n}).")
+                same = sorted(
+                    r["seed"]
+                    for r in runs
+                    if r["stage"] == stage
+                    and r["mode"] == other
+                    and r.get("shared_with") == "hybrid"
+                )
+                note = (
+                    f" Same modules, seed and settings as hybrid for seed(s) {', '.join(map(str, same))}: "
+                    "those runs were trained once and count for both modes."
+                    if same
+                    else ""
+                )
+                lines.append(f"hybrid - {other}: {_fmt_pair(m, se)} (n={n}).{note}")
     plans = data.get("plans", {})
     for stage, info in plans.items():
         table = info.get("scores", {})

@@ -105,6 +105,29 @@ class RunResult:
     training_state_bytes: int = 0
     """Parameters + gradients of trainables + optimizer state, counted exactly (all ranks)."""
     fft_modules: list[str] = field(default_factory=list)
+    shared_with: str | None = None
+    """Mode whose run this is: same stage, seed, plan and optimizer settings, so the same
+    (deterministic) run; it was trained once and its result is reported under both modes."""
+
+
+def _job_key(job: tuple) -> str:
+    """Identity of a run: two jobs with equal keys train the same model the same way."""
+    stage, _mode, seed, problems, plan, mode_optim = job
+    return _digest(stage, seed, id(problems), plan.to_dict(), asdict(mode_optim))
+
+
+def dedupe_jobs(jobs: list[tuple]) -> tuple[list[tuple], list[int]]:
+    """Unique jobs (first occurrence) and, for every job, the index of its unique job."""
+    first: dict[str, int] = {}
+    unique: list[tuple] = []
+    where: list[int] = []
+    for job in jobs:
+        key = _job_key(job)
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(job)
+        where.append(first[key])
+    return unique, where
 
 
 class PeakRSS:
@@ -493,13 +516,18 @@ def run_demo(
                 for mode in cfg.modes:
                     plan = demo.plan_for(mode, table, seed)
                     jobs.append((stage, mode, seed, problems, plan, scfg.modes[mode]))
-        workers = resolve_workers(cfg.workers, len(jobs))
-        say(f"{len(jobs)} runs in {workers} process{'es' if workers > 1 else ''}")
+        unique, where = dedupe_jobs(jobs)
+        workers = resolve_workers(cfg.workers, len(unique))
+        shared = len(jobs) - len(unique)
+        say(
+            f"{len(unique)} runs in {workers} process{'es' if workers > 1 else ''}"
+            + (f" ({shared} more share a run: same plan, seed and settings)" if shared else "")
+        )
         bar = None
         if progress and rank0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(jobs), desc="runs", unit="run")
+            bar = tqdm(total=len(unique), desc="runs", unit="run")
         done: dict[int, RunResult] = {}
 
         def on_result(index: int, res: RunResult) -> None:
@@ -514,8 +542,11 @@ def run_demo(
                     f"{res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
                 )
 
-        run_jobs(demo, jobs, workers, on_result)
-        results = [done[i] for i in range(len(jobs))]
+        run_jobs(demo, unique, workers, on_result)
+        results = [
+            done[u] if jobs[i] is unique[u] else _shared_result(done[u], jobs[i][1])
+            for i, u in enumerate(where)
+        ]
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -533,6 +564,12 @@ def run_demo(
         return out
     finally:
         destroy_runtime()
+
+
+def _shared_result(res: RunResult, mode: str) -> RunResult:
+    from dataclasses import replace
+
+    return replace(res, mode=mode, shared_with=res.mode)
 
 
 def default_sweep_grid(

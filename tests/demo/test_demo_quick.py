@@ -54,3 +54,12 @@ def test_demo_quick_smoke(tmp_path):
     )
     assert all(r["reward_curve"] for r in runs if r["stage"] == "grpo")
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    # a mode whose plan equals hybrid's for a seed reports hybrid's run, marked as shared
+    by_key = {(r["stage"], r["mode"], r["seed"]): r for r in runs}
+    for (stage, mode, seed), r in by_key.items():
+        if mode == "hybrid-gradnorm":
+            h = by_key[(stage, "hybrid", seed)]
+            same = r["fft_modules"] == h["fft_modules"]
+            assert (r.get("shared_with") == "hybrid") == same
+            if same:
+                assert r["accuracy_curve"] == h["accuracy_curve"]

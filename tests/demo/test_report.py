@@ -117,3 +117,20 @@ def test_problem_sets_are_disjoint_and_nonempty_for_small_and_large_spaces():
         assert len(ps.test) == 100 and len(ps.val) == 50 and len(ps.train) > 1000
         held = {p for p, _ in ps.test + ps.val}
         assert not held & {p for p, _ in ps.train}
+
+
+def test_report_says_which_seeds_share_hybrids_run(tmp_path):
+    shared = [
+        dict(_run("hybrid-gradnorm", s, a), shared_with="hybrid") for s, a in ((0, 0.4), (1, 0.5))
+    ]
+    data = {
+        "config": {"score": {"method": "x"}},
+        "total_wall_time_s": 1.0,
+        "runs": RUNS + shared + [_run("hybrid-gradnorm", 2, 0.1)],
+    }
+    write_report(data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "hybrid - hybrid-gradnorm: +0.167 +- 0.167 (n=3). Same modules, seed and settings as hybrid for seed(s) 0, 1:"
+        in md
+    )
