@@ -40,6 +40,24 @@ def single_rank_runtime():
         yield parallel
     finally:
         parallel_state.destroy_model_parallel()
+        _destroy_subgroups()
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every process group but the default one.
+
+    ``destroy_model_parallel`` only forgets Megatron's groups; torch keeps them, and each gloo group
+    keeps polling threads alive. Left alone, a session accumulates thousands of such threads that
+    burn about half a core and slow every later test (measured: 1,692 threads, 46% of a core idle,
+    after ``tests/scoring``).
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    world = dist.group.WORLD
+    for pg in list(c10d._world.pg_map):
+        if pg is not world:
+            dist.destroy_process_group(pg)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
