@@ -32,7 +32,8 @@ from pathlib import Path
 from megatron_hybrid.config import load_config
 from megatron_hybrid.demo.config import MODES, DemoConfig, quick_overrides
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
-from megatron_hybrid.demo.runner import Demo, ProblemSet, make_problem_set
+from megatron_hybrid.demo.report import atomic_write_text
+from megatron_hybrid.demo.runner import Demo
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime
 
@@ -93,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         demo = Demo(cfg, print)
         demo.warm_up()
-        problems = make_problem_set(cfg.sft.task, cfg.sft.test_size, cfg.sft.val_size)
-        on_val = ProblemSet(train=problems.train, val=problems.val, test=problems.val)
-        table = demo.score_table(problems, "sft")
+        on_val, table = demo.validation_stage("sft")
         candidates = sorted(table)
         sets = parse_sets(args.sets, candidates)
         jobs, meta = [], []
@@ -144,8 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         }
         path = Path(cfg.out) / "module_sets.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         print(f"written to {path}")
         return result
     finally:

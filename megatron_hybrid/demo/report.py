@@ -10,10 +10,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["paired", "summarize", "write_report"]
+__all__ = ["atomic_write_text", "paired", "summarize", "write_report"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -193,9 +194,9 @@ def write_report(data: dict, out: Path) -> list[Path]:
     """Write ``results.json``, ``report.md`` and ``report.png`` under ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    _atomic_write(results, json.dumps(data, indent=1, default=str) + "\n")
+    atomic_write_text(results, json.dumps(data, indent=1, default=str) + "\n")
     md = out / "report.md"
-    _atomic_write(md, _markdown(data))
+    atomic_write_text(md, _markdown(data))
     png = out / "report.png"
     _figure(data, png)
     return [results, md, png]

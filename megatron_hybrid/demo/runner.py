@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
+from megatron_hybrid.demo.report import atomic_write_text
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
@@ -352,6 +353,14 @@ class Demo:
         )
         return table
 
+    def validation_stage(self, stage: str) -> tuple[ProblemSet, dict[str, dict]]:
+        """The stage's problems with the VALIDATION split in the test slot (so that runs evaluate
+        on it, never on the test split), and the score table at the base."""
+        scfg = getattr(self.cfg, stage)
+        problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
+        on_val = ProblemSet(train=problems.train, val=problems.val, test=problems.val)
+        return on_val, self.score_table(problems, stage)
+
     def plan_for(self, mode: str, table: dict[str, dict], seed: int) -> HybridPlan:
         cfg = self.cfg
         names = sorted(table)
@@ -604,9 +613,7 @@ def run_sweep(
         demo = Demo(cfg, say)
         demo.warm_up()
         scfg = getattr(cfg, stage)
-        problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
-        on_val = ProblemSet(train=problems.train, val=problems.val, test=problems.val)
-        table = demo.score_table(problems, stage)
+        on_val, table = demo.validation_stage(stage)
         points = [(mode, lr) for mode, lrs in grid.items() for lr in lrs]
         jobs = [
             (
@@ -636,8 +643,7 @@ def run_sweep(
             entry["best_lr"] = max(entry["results"], key=lambda x: (x[1], -x[0]))[0]
         if rank0:
             path = Path(cfg.out) / f"sweep_{stage}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out, indent=1) + "\n")
+            atomic_write_text(path, json.dumps(out, indent=1) + "\n")
             say(f"sweep written to {path}")
         return out
     finally:
