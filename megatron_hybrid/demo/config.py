@@ -105,6 +105,16 @@ class StageConfig:
     eval_interval: int = 100
     eval_subset: int = 200
     """Test rows evaluated at each interval for the curves (the final number uses all)."""
+    clip_grad: float = 0.0
+    """Global gradient-norm clip in every mode (Megatron's ``clip_grad``); 0 disables it."""
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.clip_grad, bool)
+            or not isinstance(self.clip_grad, int | float)
+            or not self.clip_grad >= 0
+        ):
+            raise ValueError(f"clip_grad must be a number >= 0, got {self.clip_grad!r}")
 
 
 @dataclass
@@ -117,6 +127,7 @@ class SFTStageConfig(StageConfig):
     modes: dict[str, ModeOptim] = field(default_factory=_default_mode_optim)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.modes = _merge_modes(self.modes, _default_mode_optim(), "sft")
 
 
@@ -142,6 +153,7 @@ class GRPOStageConfig(StageConfig):
     modes: dict[str, ModeOptim] = field(default_factory=lambda: _grpo_mode_optim())
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.modes = _merge_modes(self.modes, _grpo_mode_optim(), "grpo")
         if isinstance(self.grpo, dict):
             self.grpo = GRPOConfig(**self.grpo)

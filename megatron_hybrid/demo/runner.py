@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
-from megatron_hybrid.demo.config import DemoConfig, ModeOptim
+from megatron_hybrid.demo.config import DemoConfig, ModeOptim, StageConfig
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
 from megatron_hybrid.demo.report import atomic_write_text
 from megatron_hybrid.models.provider import build_model
@@ -404,12 +404,7 @@ class Demo:
                 else None
             )
             ddp = wrap_ddp(chunks)
-            optim = OptimConfig(
-                lr=mode_optim.lr,
-                lora_lr_mult=mode_optim.lora_lr_mult,
-                warmup_steps=getattr(stage_cfg, "warmup_steps", 0),
-                decay="cosine" if stage == "sft" else "constant",
-            )
+            optim = stage_optim(stage, stage_cfg, mode_optim)
             opt = build_optimizer(ddp, optim)
             subset = problems.test[: stage_cfg.eval_subset]
             acc_curve: list[list[float]] = [[0, self.accuracy(ddp, subset)]]
@@ -421,9 +416,10 @@ class Demo:
                 for step in range(1, cfg.sft.steps + 1):
                     set_learning_rate(opt, optim, step - 1, cfg.sft.steps)
                     loss = lm_forward_backward(ddp, draw())
-                    ok, _, _ = opt.step()
+                    ok, grad_norm, _ = opt.step()
                     if not ok:
                         raise RuntimeError(f"{tag} step {step}: non-finite gradients")
+                    self._scalar(f"{tag}/grad_norm", grad_norm, step)
                     if loss is not None:
                         loss_curve.append([step, loss])
                         self._scalar(f"{tag}/loss", loss, step)
@@ -460,6 +456,8 @@ class Demo:
                     if stats.loss is not None:
                         loss_curve.append([step, stats.loss])
                     self._scalar(f"{tag}/reward", stats.reward_mean, step)
+                    if "grad_norm" in stats.metrics:
+                        self._scalar(f"{tag}/grad_norm", stats.metrics["grad_norm"], step)
                     if step % cfg.grpo.eval_interval == 0 and step < cfg.grpo.steps:
                         acc_curve.append([step, self.accuracy(ddp, subset)])
                         self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
@@ -498,6 +496,20 @@ class Demo:
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+
+
+def stage_optim(stage: str, stage_cfg: StageConfig, mode_optim: ModeOptim) -> OptimConfig:
+    """AdamW settings of one run: the mode's rates, the stage's schedule and clipping.
+
+    SFT warms up for ``warmup_steps`` then decays with a cosine to 0; GRPO keeps the rate constant.
+    """
+    return OptimConfig(
+        lr=mode_optim.lr,
+        lora_lr_mult=mode_optim.lora_lr_mult,
+        warmup_steps=getattr(stage_cfg, "warmup_steps", 0),
+        decay="cosine" if stage == "sft" else "constant",
+        clip_grad=stage_cfg.clip_grad,
+    )
 
 
 def run_demo(

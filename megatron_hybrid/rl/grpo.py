@@ -173,20 +173,23 @@ def policy_update(
 ) -> tuple[float | None, dict[str, float]]:
     """One optimizer step of the clipped policy loss over this DP rank's micro-batches.
 
-    Returns the loss (normalised by this rank's count; None off the last stage) and mean metrics.
+    Returns the loss (normalised by this rank's count; None off the last stage) and mean metrics
+    (only ``grad_norm`` off the last stage: the global gradient norm over all shards, the same on
+    every rank, before ``optim.clip_grad``).
     """
     zero_grads(ddp_chunks)
     reports = run_schedule(ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg))
     set_learning_rate(optimizer, optim, step, total_steps)
-    ok, _, _ = optimizer.step()
+    ok, grad_norm, _ = optimizer.step()
     if not ok:
         raise RuntimeError(f"policy step {step}: optimizer step skipped (non-finite gradients)")
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None, {}
+        return None, {"grad_norm": float(grad_norm)}
     tot = torch.stack([r["loss"] for r in reports]).sum(0)
     metrics = {
         k: float(torch.stack([r[k] for r in reports]).mean()) for k in reports[0] if k != "loss"
     }
+    metrics["grad_norm"] = float(grad_norm)
     return float(tot[0] / tot[1].clamp(min=1)), metrics
 
 

@@ -9,13 +9,16 @@ This module is the project's one documented exception to "never monkeypatch Mega
 patch below is listed in :data:`PATCHES` with the reason it exists, is applied only when
 ``torch.cuda.is_available()`` is False, and is covered by ``tests/runtime/test_cpu_compat.py``.
 
-Two mechanisms are used:
+Three mechanisms are used:
 
 * **Device proxy** (:class:`_TorchDeviceProxy`): the module-global name ``torch`` inside a few
   Megatron modules is replaced by a proxy that forwards every attribute to the real ``torch`` except
   that tensor factories map ``device="cuda"`` to CPU and ``torch.cuda.current_device`` /
   ``torch.cuda.synchronize`` / ``torch.cuda.Stream`` become CPU no-ops. Nothing outside the listed
   modules sees the proxy.
+* **Function replacement** (:data:`FUNCTION_PATCHES`): where Megatron *asserts* a CUDA tensor
+  type rather than allocating on CUDA, the proxy cannot help; the function is replaced, in the
+  modules that bound it, by one with the same math and no device assertion.
 * **RNG tracker** (:class:`CPURNGStatesTracker`): a tracker with the same interface as Megatron's
   ``CudaRNGStatesTracker`` that forks the CPU generator instead of a CUDA one; it is installed as
   Megatron's global tracker.
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FUNCTION_PATCHES",
     "PATCHES",
     "CPURNGStatesTracker",
     "apply_cpu_compat_patches",
@@ -114,6 +118,57 @@ PATCHES: tuple[PatchInfo, ...] = (
         "save finalisation all-reduces a failure flag created on torch.cuda.current_device()",
     ),
 )
+
+
+def clip_grad_by_total_norm_cpu(
+    parameters: Any,
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """Megatron's ``clip_grad_by_total_norm_fp32`` for CPU gradients (same math, in place).
+
+    Scales every fp32 gradient by ``max_norm / (total_norm + 1e-6)`` when that is below 1.
+    ``total_norm`` is the global norm Megatron already reduced over the model-parallel group
+    (``get_grad_norm_fp32``), so every rank applies the same coefficient; nothing is communicated.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = []
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is None:
+            continue
+        if grad.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"gradient clipping expects fp32/bf16 main grads, got {grad.dtype}")
+        grads.append(grad.to_local() if hasattr(grad, "to_local") else grad)
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+@dataclass(frozen=True)
+class FunctionPatch:
+    """A Megatron function replaced (in each module that bound its name) on CPU, and why."""
+
+    modules: tuple[str, ...]
+    name: str
+    replacement: Any
+    reason: str
+
+
+#: Functions replaced without CUDA (the device proxy cannot fix a type assertion).
+FUNCTION_PATCHES: tuple[FunctionPatch, ...] = (
+    FunctionPatch(
+        ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"),
+        "clip_grad_by_total_norm_fp32",
+        clip_grad_by_total_norm_cpu,
+        "asserts param.grad.type() == 'torch.cuda.FloatTensor' before scaling the grads "
+        "(optimizer clip_grad > 0)",
+    ),
+)
+
 
 _FACTORIES = frozenset(
     {
@@ -264,6 +319,9 @@ def apply_cpu_compat_patches() -> bool:
     for patch in PATCHES:
         mod = importlib.import_module(patch.module)
         mod.torch = proxy
+    for fpatch in FUNCTION_PATCHES:
+        for module in fpatch.modules:
+            setattr(importlib.import_module(module), fpatch.name, fpatch.replacement)
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()

@@ -18,8 +18,20 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=["grpo", "gspo", "dr_grpo"])
+CLIP = 1e-3  # far below the update's gradient norm: clipping always binds
+VARIANTS = {
+    # name: worker args
+    "grpo": ["--loss", "grpo"],
+    "gspo": ["--loss", "gspo"],
+    "dr_grpo": ["--loss", "dr_grpo"],
+    "grpo-clip": ["--loss", "grpo", "--clip-grad", str(CLIP)],
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def reference(request, tmp_path_factory):
+    """(variant, tmp dir, the TP=1 / DP=1 / one-micro-batch update). ``grpo-clip``: grpo with
+    ``optim.clip_grad``, whose coefficient needs the norm over every shard and stage."""
     tmp = tmp_path_factory.mktemp(f"policy_{request.param}")
     launch(
         worker_path("hybrid_model"),
@@ -36,8 +48,7 @@ def reference(request, tmp_path_factory):
         str(tmp / "ref.pt"),
         "--out",
         str(tmp / "base.pt"),
-        "--loss",
-        request.param,
+        *VARIANTS[request.param],
         timeout=300,
     )
     return request.param, tmp, torch.load(tmp / "base.pt", weights_only=True)
@@ -45,8 +56,8 @@ def reference(request, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_update_is_split_and_layout_invariant(reference, case):
-    loss, tmp, want = reference
-    if loss != "grpo" and case in ("tp2", "pp2"):
+    variant, tmp, want = reference
+    if variant in ("gspo", "dr_grpo") and case in ("tp2", "pp2"):
         pytest.skip(
             "layouts are covered with grpo; gspo / dr_grpo check the micro-batch and DP splits"
         )
@@ -59,8 +70,7 @@ def test_update_is_split_and_layout_invariant(reference, case):
         str(tmp / "ref.pt"),
         "--out",
         str(out),
-        "--loss",
-        loss,
+        *VARIANTS[variant],
         *args,
         timeout=300,
     )
@@ -68,5 +78,35 @@ def test_update_is_split_and_layout_invariant(reference, case):
     assert set(got) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(
-            got[key], value, rtol=1e-5, atol=1e-5, msg=f"{loss} {case}: {key}"
+            got[key], value, rtol=1e-5, atol=1e-5, msg=f"{variant} {case}: {key}"
         )
+
+
+def test_clipping_binds_and_changes_the_update(tmp_path):
+    """The ``grpo-clip`` variant is not the plain update: the norm exceeds ``CLIP`` and the
+    clipped step moves the weights differently (with Adam's large eps the step scales with g)."""
+    launch(
+        worker_path("hybrid_model"),
+        1,
+        "--reference",
+        str(tmp_path / "ref.pt"),
+        "--make-reference",
+        timeout=300,
+    )
+    for name in ("grpo", "grpo-clip"):
+        launch(
+            worker_path("policy_update_layouts"),
+            1,
+            "--reference",
+            str(tmp_path / "ref.pt"),
+            "--out",
+            str(tmp_path / f"{name}.pt"),
+            *VARIANTS[name],
+            timeout=300,
+        )
+    plain = torch.load(tmp_path / "grpo.pt", weights_only=True)
+    clipped = torch.load(tmp_path / "grpo-clip.pt", weights_only=True)
+    assert float(plain["grad_norm"]) > 10 * CLIP
+    torch.testing.assert_close(clipped["grad_norm"], plain["grad_norm"])  # reported before clipping
+    moved = [k for k in plain if k != "grad_norm" and not torch.allclose(plain[k], clipped[k])]
+    assert moved, "clip_grad did not change the update"

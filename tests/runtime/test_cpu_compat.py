@@ -19,7 +19,7 @@ import torch
 
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.runtime import cpu_compat
-from megatron_hybrid.runtime.cpu_compat import PATCHES, CPURNGStatesTracker
+from megatron_hybrid.runtime.cpu_compat import FUNCTION_PATCHES, PATCHES, CPURNGStatesTracker
 from tests.multirank import REPO_ROOT, launch, worker_path
 
 pytestmark = pytest.mark.skipif(
@@ -228,7 +228,7 @@ def check_optimizer() -> None:
 
     model = _tiny_model()
     ddp = _ddp(model)
-    config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0)  # clipping asserts CUDA
+    config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0)  # see the clipping test
     optimizer = get_megatron_optimizer(config, [ddp])
     assert optimizer.get_loss_scale().device.type == "cpu"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -352,6 +352,42 @@ def test_every_patch_has_a_check() -> None:
 def test_patch_makes_cpu_path_work(single_rank_runtime, module: str) -> None:
     assert cpu_compat.cpu_patches_active()
     CHECKS[module]()
+
+
+def test_function_patches_are_installed(single_rank_runtime) -> None:
+    import importlib
+
+    for fpatch in FUNCTION_PATCHES:
+        for module in fpatch.modules:
+            assert getattr(importlib.import_module(module), fpatch.name) is fpatch.replacement
+
+
+def test_optimizer_clips_grads_on_cpu(single_rank_runtime) -> None:
+    """``clip_grad > 0`` through Megatron's optimizer (its CUDA-type assert replaced): the step
+    reports the pre-clip norm and leaves exactly ``torch.nn.utils.clip_grad_norm_``'s grads."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = _tiny_model()
+    ddp = _ddp(model)
+    clip = 1e-3
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=clip), [ddp]
+    )
+    optimizer.zero_grad()
+    _loss(ddp).backward()
+    ddp.finish_grad_sync()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    reference = [torch.nn.Parameter(model.get_parameter(n).detach().clone()) for n in names]
+    for ref, name in zip(reference, names, strict=True):
+        ref.grad = model.get_parameter(name).main_grad.detach().clone()
+    want_norm = float(torch.nn.utils.clip_grad_norm_(reference, clip))
+    assert want_norm > 10 * clip  # clipping binds
+
+    success, grad_norm, _ = optimizer.step()
+    assert success
+    assert grad_norm == pytest.approx(want_norm, rel=1e-5)
+    for ref, name in zip(reference, names, strict=True):
+        torch.testing.assert_close(model.get_parameter(name).grad, ref.grad, msg=name)
 
 
 def test_rng_tracker_forks_continue_their_stream(single_rank_runtime) -> None:

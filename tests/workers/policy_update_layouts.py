@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--micro-batch-size", type=int, default=ROWS)
     parser.add_argument("--loss", default="grpo")
+    parser.add_argument("--clip-grad", type=float, default=0.0)
     args = parser.parse_args()
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
@@ -58,7 +59,9 @@ def main() -> None:
     )
     apply_hybrid_plan(chunks, HybridPlan.from_dict(PLAN))
     ddp = wrap_ddp(chunks)
-    optim = OptimConfig(lr=1e-2, adam_eps=1e-3)  # large eps: see hybrid_model.py
+    # Large eps (see hybrid_model.py): the update then depends on the gradient's scale, so a
+    # clipping coefficient that differed across shards or layouts would show.
+    optim = OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=args.clip_grad)
     opt = build_optimizer(ddp, optim)
 
     rollout, old, adv = fixed_rollout()
@@ -74,7 +77,7 @@ def main() -> None:
         eps_high=0.28,
         max_response_length=WIDTH if args.loss == "dr_grpo" else None,
     )
-    policy_update(ddp, opt, micro, loss_cfg, optim, 0, 1)
+    _, metrics = policy_update(ddp, opt, micro, loss_cfg, optim, 0, 1)
 
     after = [
         {n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad}
@@ -82,6 +85,7 @@ def main() -> None:
     ]
     full = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     if torch.distributed.get_rank() == 0:
+        full["grad_norm"] = torch.tensor(metrics["grad_norm"])  # pre-clip, over all shards
         torch.save(full, args.out)
     destroy_runtime()
 

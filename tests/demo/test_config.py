@@ -1,0 +1,37 @@
+"""Benchmark config: stage settings are validated on construction, with the key in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_hybrid.config import load_config
+from megatron_hybrid.demo.config import DemoConfig
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "'high'", ".nan"])
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_bad_clip_grad_names_the_stage(stage, value):
+    with pytest.raises(ValueError, match=rf"{stage}: clip_grad must be a number >= 0"):
+        load_config(DemoConfig, None, [f"{stage}.clip_grad={value}"])
+
+
+def test_clip_grad_reaches_both_stages():
+    cfg = load_config(DemoConfig, None, ["sft.clip_grad=1.0", "grpo.clip_grad=0.5"])
+    assert (cfg.sft.clip_grad, cfg.grpo.clip_grad) == (1.0, 0.5)
+    assert DemoConfig().sft.clip_grad == 0.0  # the benchmark's default: no clipping
+
+
+def test_stage_optim_carries_the_stage_schedule_and_clip():
+    from megatron_hybrid.demo.config import GRPOStageConfig, ModeOptim, SFTStageConfig
+    from megatron_hybrid.demo.runner import stage_optim
+
+    sft = stage_optim("sft", SFTStageConfig(clip_grad=1.0), ModeOptim(lr=3e-3, lora_lr_mult=3))
+    assert (sft.lr, sft.lora_lr_mult, sft.warmup_steps, sft.decay, sft.clip_grad) == (
+        3e-3,
+        3,
+        20,
+        "cosine",
+        1.0,
+    )
+    grpo = stage_optim("grpo", GRPOStageConfig(), ModeOptim(lr=1e-4))
+    assert (grpo.warmup_steps, grpo.decay, grpo.clip_grad) == (0, "constant", 0.0)
