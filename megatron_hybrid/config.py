@@ -103,7 +103,8 @@ def to_dict(obj: Any) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["a.b=3", "c=[1,2]"]`` -> ``{"a": {"b": 3}, "c": [1, 2]}`` (values parsed as YAML)."""
+    """``["a.b=3", "c=[1,2]"]`` -> ``{"a": {"b": 3}, "c": [1, 2]}`` (values parsed as YAML;
+    a bare ``#`` or ``-``, which YAML reads as null, stays the character)."""
     out: dict = {}
     for item in items:
         if "=" not in item:
@@ -116,12 +117,20 @@ def parse_overrides(items: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {p!r}")
         try:
-            node[parts[-1]] = _load_yaml(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError as e:
             raise ValueError(
                 f"override {item!r}: the value is not valid YAML (quote it): {e}"
             ) from None
+        # YAML reads a bare ``#`` as a comment (None) and ``-`` as a list of one null; on a
+        # command line they mean the characters (operator symbols, for instance).
+        if value in (None, [None]) and raw.strip() not in _NULLS:
+            value = raw.strip()
+        node[parts[-1]] = value
     return out
+
+
+_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,6 +1,7 @@
 """Which modules to fully fine-tune: forced module sets vs the benchmark's modes, on VALIDATION.
 
-Trains the SFT stage of the embedded benchmark (``megatron-hybrid demo``) once per (set, seed) and
+Trains one stage of the embedded benchmark (``megatron-hybrid demo``; ``--stage sft``, the default,
+or ``grpo``) once per (set, seed) and
 prints the validation accuracy per seed and the mean, so that a selection rule can be judged on
 seeds the test runs never used (a validation run and a test run with the same seed are the same
 training run: choosing on the test seeds repairs those seeds, not new ones). The test split is
@@ -19,6 +20,10 @@ Run (CPU; the base model is warmed up once and cached in ``cache_dir``)::
 
 Trailing ``key=value`` arguments override the benchmark config (``sft.steps=900``, ...);
 ``--quick`` applies the ``--quick`` preset (a smoke test). Writes ``<out>/module_sets.json``.
+GRPO on the SFT stage's new operation, for instance::
+
+    python scripts/demo_module_sets.py --stage grpo --seeds 0,1 --set fft=fft --set lora=lora \
+        grpo.task.op=# grpo.task.symbol=- grpo.task.min_digits=1 grpo.task.max_digits=3
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def parse_sets(specs: list[str], candidates: list[str]) -> dict[str, str | list[
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=("sft", "grpo"), default="sft")
     ap.add_argument("--seeds", required=True, help="comma-separated training seeds, e.g. 5,6,7,8,9")
     ap.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME=MODULES")
     ap.add_argument("--out", default="runs/module_sets")
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         demo = Demo(cfg, print)
         demo.warm_up()
-        on_val, table = demo.validation_stage("sft")
+        on_val, table = demo.validation_stage(args.stage)
         candidates = sorted(table)
         sets = parse_sets(args.sets, candidates)
         jobs, meta = [], []
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
                         lora=cfg.lora,
                         seed=seed,
                     )
-                jobs.append(("sft", mode, seed, on_val, plan, replace(cfg.sft.modes[mode])))
+                modes = getattr(cfg, args.stage).modes
+                jobs.append((args.stage, mode, seed, on_val, plan, replace(modes[mode])))
                 meta.append((name, seed))
         found: dict[str, dict[int, float]] = {name: {} for name in sets}
         picked: dict[str, dict[int, list[str]]] = {name: {} for name in sets}
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         result = {
             "seeds": seeds,
+            "stage": args.stage,
             "split": "validation",
             "sets": {
                 name: {

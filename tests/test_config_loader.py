@@ -90,6 +90,11 @@ def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b=x=y"]) == {"a": {"b": "x=y"}}  # split on the first '='
 
 
+def test_parse_overrides_keeps_symbols_yaml_reads_as_null():
+    got = parse_overrides(["op=#", "sym=-", "a=null", "b=~", "c=", "d=- 1", "e='#'"])
+    assert got == {"op": "#", "sym": "-", "a": None, "b": None, "c": None, "d": [1], "e": "#"}
+
+
 @pytest.mark.parametrize(
     ("items", "match"),
     [

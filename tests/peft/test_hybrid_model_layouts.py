@@ -22,14 +22,30 @@ LAYOUTS = {
 
 def _run(tmp, nproc, args, name):
     out = tmp / f"{name}.pt"
-    launch(worker_path("hybrid_model"), nproc, "--reference", str(tmp / "ref.pt"), "--out", str(out), *args, timeout=300)
+    launch(
+        worker_path("hybrid_model"),
+        nproc,
+        "--reference",
+        str(tmp / "ref.pt"),
+        "--out",
+        str(out),
+        *args,
+        timeout=300,
+    )
     return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hybrid_layouts")
-    launch(worker_path("hybrid_model"), 1, "--reference", str(tmp / "ref.pt"), "--make-reference", timeout=300)
+    launch(
+        worker_path("hybrid_model"),
+        1,
+        "--reference",
+        str(tmp / "ref.pt"),
+        "--make-reference",
+        timeout=300,
+    )
     return tmp, _run(tmp, 1, [], "tp1")
 
 
@@ -55,6 +71,10 @@ def test_layout_matches_tp1(reference, layout):
     assert got["summary"] == ref["summary"]
     assert set(got["grads"]) == set(ref["grads"])
     for key, want in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][key], want, rtol=1e-5, atol=1e-5, msg=f"grad of {key}")
+        torch.testing.assert_close(
+            got["grads"][key], want, rtol=1e-5, atol=1e-5, msg=f"grad of {key}"
+        )
     for key, want in ref["after"].items():
-        torch.testing.assert_close(got["after"][key], want, rtol=1e-5, atol=1e-5, msg=f"{key} after the step")
+        torch.testing.assert_close(
+            got["after"][key], want, rtol=1e-5, atol=1e-5, msg=f"{key} after the step"
+        )

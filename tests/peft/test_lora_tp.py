@@ -11,8 +11,12 @@ pytestmark = pytest.mark.multirank
 CASES = [
     f"{kind} sp={sp} train_base={tb} bias={bias} skip_bias_add={sba}"
     for kind in ("column", "gated", "row")
-    for sp, tb, bias, sba in ((False, False, False, False), (True, False, False, False),
-                              (False, True, True, False), (True, True, True, True))
+    for sp, tb, bias, sba in (
+        (False, False, False, False),
+        (True, False, False, False),
+        (False, True, True, False),
+        (True, True, True, True),
+    )
 ]
 
 

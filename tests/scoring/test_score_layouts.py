@@ -24,7 +24,14 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("score_layouts")
-    launch(worker_path("score_layouts"), 1, "--reference", str(tmp / "ref.pt"), "--make-reference", timeout=300)
+    launch(
+        worker_path("score_layouts"),
+        1,
+        "--reference",
+        str(tmp / "ref.pt"),
+        "--make-reference",
+        timeout=300,
+    )
     return tmp, torch.load(tmp / "ref.pt", weights_only=True)
 
 
@@ -37,17 +44,34 @@ def test_scores_and_selection_match_svdvals_reference(reference, layout):
     tmp, ref = reference
     nproc, args = LAYOUTS[layout]
     out = tmp / f"{layout}.pt"
-    launch(worker_path("score_layouts"), nproc, "--reference", str(tmp / "ref.pt"), "--out", str(out), *args, timeout=300)
+    launch(
+        worker_path("score_layouts"),
+        nproc,
+        "--reference",
+        str(tmp / "ref.pt"),
+        "--out",
+        str(out),
+        *args,
+        timeout=300,
+    )
     got = torch.load(out, weights_only=False)
-    for method, keys in (("residual", ("residual", "residual_frac", "grad_norm", "stable_rank")),
-                         ("probe_residual", ("probe_residual", "probe_residual_frac", "epd"))):
+    for method, keys in (
+        ("residual", ("residual", "residual_frac", "grad_norm", "stable_rank")),
+        ("probe_residual", ("probe_residual", "probe_residual_frac", "epd")),
+    ):
         table = got[method]["scores"]
         assert set(table) == set(ref["scores"]), "every candidate of every stage is in the table"
         for name, want in ref["scores"].items():
             for key in keys:
-                assert table[name][key] == pytest.approx(want[key], rel=1e-4), f"{layout} {name} {key}"
+                assert table[name][key] == pytest.approx(want[key], rel=1e-4), (
+                    f"{layout} {name} {key}"
+                )
         want_sel = select_fft_modules(
-            [Candidate(n, got[method]["shapes"][n][1], s[method]) for n, s in ref["scores"].items()], SELECT
+            [
+                Candidate(n, got[method]["shapes"][n][1], s[method])
+                for n, s in ref["scores"].items()
+            ],
+            SELECT,
         )
         assert got[method]["selection"] == want_sel
         assert len(want_sel) == 4  # ceil(0.2 x 16)

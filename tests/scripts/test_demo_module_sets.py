@@ -82,7 +82,7 @@ def test_smoke_run_on_validation_writes_per_seed_accuracies(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((out / "module_sets.json").read_text())
-    assert data["split"] == "validation" and data["seeds"] == [3, 4]
+    assert data["split"] == "validation" and data["seeds"] == [3, 4] and data["stage"] == "sft"
     pair = data["sets"]["pair"]
     assert pair["fft_modules"] == {
         s: ["decoder.layers.0.self_attention.linear_qkv", "decoder.layers.1.mlp.linear_fc2"]

@@ -75,7 +75,11 @@ def lora_layout(key: str, model_cfg: ModelConfig) -> TPLayout:
         module, leaf = key.rsplit(".", 2)[-2:]
         column = module in ("linear_qkv", "linear_fc1")
         if column:
-            return TPLayout(dim=0, gated=module == "linear_fc1" and model_cfg.swiglu) if leaf == "lora_B" else REPLICATED
+            return (
+                TPLayout(dim=0, gated=module == "linear_fc1" and model_cfg.swiglu)
+                if leaf == "lora_B"
+                else REPLICATED
+            )
         return TPLayout(dim=1) if leaf == "lora_A" else REPLICATED
     return tp_layout(key, model_cfg)
 
@@ -96,7 +100,8 @@ def make_reference(path: Path) -> None:
 
 def trainable_state(chunks) -> list[dict[str, torch.Tensor]]:
     return [
-        {n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad} for c in chunks
+        {n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad}
+        for c in chunks
     ]
 
 
@@ -150,7 +155,9 @@ def main() -> None:
         dist.all_gather(gathered, flat, group=parallel_state.get_data_parallel_group())
         for r, other in enumerate(gathered):
             if not torch.equal(other, flat):
-                raise AssertionError(f"data-parallel rank {r} holds different trainables after the step")
+                raise AssertionError(
+                    f"data-parallel rank {r} holds different trainables after the step"
+                )
 
     full_grads = gather_full_state_dict(grads, MODEL_CFG, layout_fn=lora_layout, replica_atol=1e-6)
     full_after = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)

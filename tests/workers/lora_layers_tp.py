@@ -43,15 +43,27 @@ def _build(kind: str, sp: bool, group, w_full, b_full, bias: bool, skip_bias_add
     init = torch.nn.init.zeros_
     if kind == "row":
         base = RowParallelLinear(
-            IN, OUT, config=cfg, init_method=init, bias=bias, input_is_parallel=True,
-            skip_bias_add=skip_bias_add, tp_group=group,
+            IN,
+            OUT,
+            config=cfg,
+            init_method=init,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=skip_bias_add,
+            tp_group=group,
         )
         w = w_full.chunk(tp, dim=1)[rank]
         b = b_full
     else:
         base = ColumnParallelLinear(
-            IN, OUT, config=cfg, init_method=init, bias=bias, gather_output=False,
-            skip_bias_add=skip_bias_add, tp_group=group,
+            IN,
+            OUT,
+            config=cfg,
+            init_method=init,
+            bias=bias,
+            gather_output=False,
+            skip_bias_add=skip_bias_add,
+            tp_group=group,
         )
         w = _shard_rows(w_full, rank, tp, kind == "gated")
         b = _shard_rows(b_full.unsqueeze(1), rank, tp, kind == "gated").squeeze(1)
@@ -61,7 +73,14 @@ def _build(kind: str, sp: bool, group, w_full, b_full, bias: bool, skip_bias_add
             base.bias.copy_(b)
     lora = LoRAConfig(rank=R, alpha=8.0, a_init="kaiming", b_init="gaussian")
     cls = LoRARowParallelLinear if kind == "row" else LoRAColumnParallelLinear
-    return cls(base, lora, name=f"decoder.layers.0.test.{kind}", tp_group=group, gated=kind == "gated", seed=7)
+    return cls(
+        base,
+        lora,
+        name=f"decoder.layers.0.test.{kind}",
+        tp_group=group,
+        gated=kind == "gated",
+        seed=7,
+    )
 
 
 def _allreduce_sp_grads(module, group) -> None:
@@ -85,7 +104,9 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
     solo = dist.new_group([dist.get_rank()], backend="gloo")
     tp, rank = tp_group.size(), tp_group.rank()
     # Same data on every rank (never seed from hash(): it is randomised per process).
-    g = torch.Generator().manual_seed(1000 + 100 * ("column", "gated", "row").index(kind) + 10 * sp + train_base)
+    g = torch.Generator().manual_seed(
+        1000 + 100 * ("column", "gated", "row").index(kind) + 10 * sp + train_base
+    )
     w_full = torch.randn(OUT, IN, generator=g)
     b_full = torch.randn(OUT, generator=g)
     x_full = torch.randn(S, B, IN, generator=g)
@@ -115,7 +136,9 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
     def check(what, got, want):
         if not torch.allclose(got, want, **TOL):
             err = (got - want).abs().max().item()
-            raise AssertionError(f"{case}: {what} differs from TP=1 reference (max abs err {err:.3g})")
+            raise AssertionError(
+                f"{case}: {what} differs from TP=1 reference (max abs err {err:.3g})"
+            )
 
     # Output
     if kind == "row":
@@ -124,7 +147,11 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
         check("lora_A grad", par.lora_A.grad, ref.lora_A.grad.chunk(tp, dim=1)[rank])
         check("lora_B grad", par.lora_B.grad, ref.lora_B.grad)
         if train_base:
-            check("weight grad", par.base_layer.weight.grad, ref.base_layer.weight.grad.chunk(tp, dim=1)[rank])
+            check(
+                "weight grad",
+                par.base_layer.weight.grad,
+                ref.base_layer.weight.grad.chunk(tp, dim=1)[rank],
+            )
     else:
         gated = kind == "gated"
         check("output", y, _shard_rows(y_ref.permute(2, 0, 1), rank, tp, gated).permute(1, 2, 0))
@@ -132,7 +159,11 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
         check("lora_A grad", par.lora_A.grad, ref.lora_A.grad)
         check("lora_B grad", par.lora_B.grad, _shard_rows(ref.lora_B.grad, rank, tp, gated))
         if train_base:
-            check("weight grad", par.base_layer.weight.grad, _shard_rows(ref.base_layer.weight.grad, rank, tp, gated))
+            check(
+                "weight grad",
+                par.base_layer.weight.grad,
+                _shard_rows(ref.base_layer.weight.grad, rank, tp, gated),
+            )
     # Adapters were initialised identically (layout-independent init), B nonzero.
     if par.lora_B.abs().sum() == 0:
         raise AssertionError(f"{case}: B is zero; the test would be trivial")

@@ -59,7 +59,9 @@ def svd_scores(mat: torch.Tensor, r: int) -> dict[str, float]:
 def make_reference(path: Path) -> None:
     initialize_runtime(ParallelConfig(), seed=1234)
     chunks = build_model(MODEL_CFG, ParallelConfig())
-    weights = {k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
+    weights = {
+        k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")
+    }
     refs = local_candidates(chunks)
     batches = task_batch_source(TASK, RUN)
     grads = accumulate_gradients(chunks, refs, batches, 3)
@@ -70,7 +72,11 @@ def make_reference(path: Path) -> None:
     for ref in refs:
         g = svd_scores(grads[ref.name], RANK)
         d = svd_scores(probe.delta[ref.name], RANK)
-        scores[ref.name] = g | {"probe_residual": d["residual"], "probe_residual_frac": d["residual_frac"], "epd": probe.epd_local[ref.name]}
+        scores[ref.name] = g | {
+            "probe_residual": d["residual"],
+            "probe_residual_frac": d["residual_frac"],
+            "epd": probe.epd_local[ref.name],
+        }
     torch.save({"weights": weights, "scores": scores, "probe_restored_bitwise": restored}, path)
     destroy_runtime()
 
@@ -87,7 +93,9 @@ def main() -> None:
     if args.make_reference:
         make_reference(args.reference)
         return
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp
+    )
     initialize_runtime(parallel, seed=1234)
     ref = torch.load(args.reference, weights_only=True)
     chunks = build_model(MODEL_CFG, parallel)
