@@ -670,9 +670,7 @@ def _write_partial(out: Path, cfg: DemoConfig, results: list[RunResult], elapsed
         "total_wall_time_s": elapsed,
         "runs": [asdict(r) for r in results],
     }
-    tmp = out / ".results.partial.json.tmp"
-    tmp.write_text(json.dumps(data, default=str) + "\n")
-    tmp.replace(out / "results.partial.json")
+    atomic_write_text(out / "results.partial.json", json.dumps(data, default=str) + "\n")
 
 
 def _jsonable(obj):

@@ -12,7 +12,7 @@ data-parallel split gives the same update.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
@@ -27,7 +27,12 @@ from megatron_hybrid.rl.generation import (
     padded_width,
     sequence_logprobs,
 )
-from megatron_hybrid.rl.losses import PolicyLossConfig, get_policy_loss, normalizer_count
+from megatron_hybrid.rl.losses import (
+    PolicyLossConfig,
+    default_normalization,
+    get_policy_loss,
+    normalizer_count,
+)
 from megatron_hybrid.rl.reference import ReferencePolicy
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
 from megatron_hybrid.train.step import OptimConfig, run_schedule, set_learning_rate, zero_grads
@@ -61,7 +66,8 @@ class GRPOConfig:
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.loss, dict):
             loss = dict(self.loss)
-            if loss.get("loss") == "dr_grpo" and loss.get("max_response_length") is None:
+            norm = loss.get("normalization") or default_normalization(loss.get("loss", "grpo"))
+            if norm == "constant" and loss.get("max_response_length") is None:
                 # Dr.GRPO's constant normaliser: the longest completion the sampler can produce.
                 loss["max_response_length"] = self.sampling.max_new_tokens
             self.loss = PolicyLossConfig(**loss)
@@ -70,6 +76,36 @@ class GRPOConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"grpo.{key} must be a positive integer, got {v!r}")
         get_reward_function(self.reward)
+
+    @classmethod
+    def from_dict(cls, d: dict, base: GRPOConfig | None = None) -> GRPOConfig:
+        """Build from a ``grpo:`` mapping; keys it does not name come from ``base`` (default: the
+        class defaults). In its ``loss:`` section, naming another ``loss`` re-derives the
+        normalisation unless the section names one too (``loss=dr_grpo`` alone is Dr.GRPO), and a
+        constant normalisation without ``max_response_length`` takes ``sampling.max_new_tokens``.
+        """
+        from megatron_hybrid.config import from_dict as build
+
+        base = base if base is not None else cls()
+        cfg = build(cls, {k: v for k, v in d.items() if k != "loss"}, base=base)
+        loss = d.get("loss")
+        if loss is None or isinstance(loss, PolicyLossConfig):
+            return cfg if loss is None else replace(cfg, loss=loss)
+        if not isinstance(loss, dict):
+            raise ValueError(f"loss: expected a mapping, got {type(loss).__name__} {loss!r}")
+        valid = PolicyLossConfig.__dataclass_fields__
+        for key in loss:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown config key 'loss.{key}'; valid keys here: {', '.join(sorted(valid))}"
+                )
+        merged = asdict(base.loss)
+        if loss.get("loss", base.loss.loss) != base.loss.loss:
+            merged["normalization"] = None  # derived from the old loss: derive it again
+            if default_normalization(base.loss.loss) == "constant":
+                merged["max_response_length"] = None
+        merged.update(loss)
+        return replace(cfg, loss=merged)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_hybrid.data.datasets import DataConfig, load_prompt_datasets
 from megatron_hybrid.data.tokenizers import build_tokenizer
 from megatron_hybrid.demo.config import MODES, DemoConfig, GRPOStageConfig, SFTStageConfig
+from megatron_hybrid.demo.report import atomic_write_text
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
@@ -117,8 +118,7 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         out = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "result": asdict(result)}
         if rank0:
             path = Path(cfg.out)
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "result.json").write_text(json.dumps(out, indent=1) + "\n")
+            atomic_write_text(path / "result.json", json.dumps(out, indent=1) + "\n")
             say(
                 f"held-out accuracy {result.final_heldout_accuracy:.3f} ({result.wall_time_s:.0f} s); "
                 f"trainable parameters {result.trainable_params:,}; wrote {path / 'result.json'}"

@@ -114,6 +114,13 @@ def register_policy_loss(
     return register
 
 
+def default_normalization(name: str) -> str | None:
+    """The normalisation a config naming loss ``name`` gets when it leaves it unset (None for an
+    unknown name: :class:`PolicyLossConfig` reports those)."""
+    entry = _LOSS_NORMALIZATION.get(name)
+    return entry[0] if entry else None
+
+
 def get_policy_loss(name: str) -> PolicyLossFn:
     """The loss registered as ``name``; ValueError listing the valid names otherwise."""
     try:

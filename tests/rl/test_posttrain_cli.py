@@ -1,0 +1,116 @@
+"""``megatron-hybrid sft|grpo --data FILE``: post-training one mode on a user's jsonl, end to end.
+
+A tiny model on small local files (integer answers; ``\\boxed{}`` math answers with the ``math``
+reward), every mode for SFT; checks ``result.json`` and that bad rows fail before training with
+the file, row and field named.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.multirank import REPO_ROOT, child_env
+
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=64",
+]
+MODES = ["fft", "lora", "hybrid", "hybrid-random", "hybrid-gradnorm"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_hybrid.cli", *args],
+        cwd=REPO_ROOT,
+        env=child_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("posttrain")
+    with open(root / "sums.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"q": f"{i}+{i % 7}=", "a": i + i % 7}) + "\n")
+    with open(root / "math.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"question": f"{i} plus 2?", "solution": f"\\boxed{{{i + 2}}}"}))
+            f.write("\n")
+    return root
+
+
+def _result(proc: subprocess.CompletedProcess, out) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())["result"]
+
+
+@pytest.fixture(scope="module")
+def sft_results(data):
+    results = {}
+    for mode in MODES:
+        out = data / f"sft_{mode}"
+        proc = _cli(
+            "sft", "--data", str(data / "sums.jsonl"), "--prompt-field", "q",
+            "--answer-field", "a", "--mode", mode, "--out", str(out), *TINY,
+            "sft.steps=3", "sft.eval_interval=2", "sft.batch_size=8", "sft.clip_grad=1.0",
+            "score.probe.steps=2",
+        )  # fmt: skip
+        results[mode] = _result(proc, out)
+    return results
+
+
+def test_sft_runs_every_mode_on_a_jsonl(sft_results):
+    for mode, r in sft_results.items():
+        assert (r["mode"], r["stage"]) == (mode, "sft")
+        assert 0.0 <= r["final_heldout_accuracy"] <= 1.0
+        assert len(r["loss_curve"]) == 3
+    params = {m: r["trainable_params"] for m, r in sft_results.items()}
+    assert params["lora"] < params["hybrid"] < params["fft"]
+    n_fft = {m: len(r["fft_modules"]) for m, r in sft_results.items()}
+    # 2 layers x 4 candidates, budget 10% -> ceil(0.8) = 1 fully fine-tuned module
+    assert n_fft["hybrid"] == n_fft["hybrid-random"] == n_fft["hybrid-gradnorm"] == 1
+    assert n_fft["lora"] == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("hybrid", ["grpo.grpo.loss.loss=gspo", "grpo.clip_grad=1.0"]),
+        ("lora", ["grpo.grpo.loss.loss=dr_grpo"]),
+    ],
+)
+def test_grpo_with_math_answers_and_reward(data, mode, extra):
+    out = data / f"grpo_{mode}"
+    proc = _cli(
+        "grpo", "--data", str(data / "math.jsonl"), "--prompt-field", "question",
+        "--answer-field", "solution", "--mode", mode, "--out", str(out), *TINY,
+        "grpo.steps=2", "grpo.eval_interval=1", "grpo.grpo.reward=math",
+        "grpo.grpo.group_size=2", "grpo.grpo.prompts_per_step=4", "score.probe.steps=2", *extra,
+    )  # fmt: skip
+    r = _result(proc, out)
+    assert (r["mode"], r["stage"]) == (mode, "grpo")
+    assert [s for s, _ in r["reward_curve"]] == [1, 2]
+    assert all(0.0 <= v <= 1.0 for _, v in r["reward_curve"])
+
+
+def test_a_row_without_the_answer_field_fails_before_training(data):
+    bad = data / "bad.jsonl"
+    rows = [{"q": "1+1=", "a": 2}, {"q": "2+2=", "a": 4}, {"q": "3+3="}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = data / "bad_out"
+    proc = _cli(
+        "sft", "--data", str(bad), "--prompt-field", "q", "--answer-field", "a",
+        "--out", str(out), *TINY,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "row 2" in proc.stderr and "'a'" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
