@@ -151,3 +151,28 @@ def launch(
             _report(f"{script} on {nproc} ranks exited with {proc.returncode}", cmd, stdout, stderr)
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def make_reference(worker: str, reference: Path) -> None:
+    """Run worker ``worker`` once on one rank with ``--reference REF --make-reference`` (it
+    writes the reference weights / results to ``reference``)."""
+    launch(worker_path(worker), 1, "--reference", str(reference), "--make-reference", timeout=300)
+
+
+def run_against_reference(
+    worker: str,
+    nproc: int,
+    reference: Path,
+    out: Path,
+    *args: str,
+    weights_only: bool = True,
+) -> dict:
+    """Run ``worker`` on ``nproc`` ranks with ``--reference REF --out OUT ARGS`` and return what
+    it saved to ``out`` (``torch.load``)."""
+    import torch
+
+    launch(
+        worker_path(worker), nproc, "--reference", str(reference), "--out", str(out), *args,
+        timeout=300,
+    )  # fmt: skip
+    return torch.load(out, weights_only=weights_only)

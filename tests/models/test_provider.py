@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multirank import launch, worker_path
+from tests.multirank import run_against_reference
 from tests.sharding import (
     RankShard,
     layer_offset,
@@ -163,18 +163,9 @@ def test_unknown_sharded_key_needs_a_layout_fn() -> None:
 def test_layout_matches_tp1_reference(
     reference: Reference, tmp_path: Path, nproc: int, args: list[str]
 ) -> None:
-    out = tmp_path / "result.pt"
-    launch(
-        worker_path("model_equivalence"),
-        nproc,
-        "--reference",
-        str(reference.path),
-        "--out",
-        str(out),
-        *args,
-        timeout=300,
+    result = run_against_reference(
+        "model_equivalence", nproc, reference.path, tmp_path / "result.pt", *args
     )
-    result = torch.load(out, weights_only=True)
     # Every last-stage rank (one per TP rank) reports the loss.
     assert result["losses"], "no rank reported a loss"
     for loss in result["losses"]:

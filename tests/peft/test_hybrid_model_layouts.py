@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multirank import launch, worker_path
+from tests.multirank import make_reference, run_against_reference
 
 pytestmark = pytest.mark.multirank
 
@@ -21,31 +21,13 @@ LAYOUTS = {
 
 
 def _run(tmp, nproc, args, name):
-    out = tmp / f"{name}.pt"
-    launch(
-        worker_path("hybrid_model"),
-        nproc,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(out),
-        *args,
-        timeout=300,
-    )
-    return torch.load(out, weights_only=True)
+    return run_against_reference("hybrid_model", nproc, tmp / "ref.pt", tmp / f"{name}.pt", *args)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hybrid_layouts")
-    launch(
-        worker_path("hybrid_model"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--make-reference",
-        timeout=300,
-    )
+    make_reference("hybrid_model", tmp / "ref.pt")
     return tmp, _run(tmp, 1, [], "tp1")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multirank import launch, worker_path
+from tests.multirank import make_reference, run_against_reference
 
 pytestmark = pytest.mark.multirank
 
@@ -19,24 +19,8 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("generation")
-    launch(
-        worker_path("hybrid_model"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--make-reference",
-        timeout=300,
-    )
-    launch(
-        worker_path("generation_layouts"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(tmp / "tp1.pt"),
-        timeout=300,
-    )
-    return tmp, torch.load(tmp / "tp1.pt", weights_only=True)
+    make_reference("hybrid_model", tmp / "ref.pt")
+    return tmp, run_against_reference("generation_layouts", 1, tmp / "ref.pt", tmp / "tp1.pt")
 
 
 def test_reference_generation_is_well_formed(reference):
@@ -52,18 +36,9 @@ def test_reference_generation_is_well_formed(reference):
 def test_layout_matches_tp1(reference, layout):
     tmp, ref = reference
     nproc, args = LAYOUTS[layout]
-    out = tmp / f"{layout}.pt"
-    launch(
-        worker_path("generation_layouts"),
-        nproc,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(out),
-        *args,
-        timeout=300,
+    got = run_against_reference(
+        "generation_layouts", nproc, tmp / "ref.pt", tmp / f"{layout}.pt", *args
     )
-    got = torch.load(out, weights_only=True)
     assert torch.equal(got["tokens"], ref["tokens"])
     assert torch.equal(got["lengths"], ref["lengths"])
     mask = ref["mask"].bool()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multirank import launch, worker_path
+from tests.multirank import make_reference, run_against_reference
 
 pytestmark = pytest.mark.multirank
 
@@ -33,25 +33,11 @@ def reference(request, tmp_path_factory):
     """(variant, tmp dir, the TP=1 / DP=1 / one-micro-batch update). ``grpo-clip``: grpo with
     ``optim.clip_grad``, whose coefficient needs the norm over every shard and stage."""
     tmp = tmp_path_factory.mktemp(f"policy_{request.param}")
-    launch(
-        worker_path("hybrid_model"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--make-reference",
-        timeout=300,
+    make_reference("hybrid_model", tmp / "ref.pt")
+    base = run_against_reference(
+        "policy_update_layouts", 1, tmp / "ref.pt", tmp / "base.pt", *VARIANTS[request.param]
     )
-    launch(
-        worker_path("policy_update_layouts"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(tmp / "base.pt"),
-        *VARIANTS[request.param],
-        timeout=300,
-    )
-    return request.param, tmp, torch.load(tmp / "base.pt", weights_only=True)
+    return request.param, tmp, base
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -62,19 +48,14 @@ def test_update_is_split_and_layout_invariant(reference, case):
             "layouts are covered with grpo; gspo / dr_grpo check the micro-batch and DP splits"
         )
     nproc, args = CASES[case]
-    out = tmp / f"{case}.pt"
-    launch(
-        worker_path("policy_update_layouts"),
+    got = run_against_reference(
+        "policy_update_layouts",
         nproc,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(out),
+        tmp / "ref.pt",
+        tmp / f"{case}.pt",
         *VARIANTS[variant],
         *args,
-        timeout=300,
     )
-    got = torch.load(out, weights_only=True)
     assert set(got) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(
@@ -85,27 +66,12 @@ def test_update_is_split_and_layout_invariant(reference, case):
 def test_clipping_binds_and_changes_the_update(tmp_path):
     """The ``grpo-clip`` variant is not the plain update: the norm exceeds ``CLIP`` and the
     clipped step moves the weights differently (with Adam's large eps the step scales with g)."""
-    launch(
-        worker_path("hybrid_model"),
-        1,
-        "--reference",
-        str(tmp_path / "ref.pt"),
-        "--make-reference",
-        timeout=300,
-    )
-    for name in ("grpo", "grpo-clip"):
-        launch(
-            worker_path("policy_update_layouts"),
-            1,
-            "--reference",
-            str(tmp_path / "ref.pt"),
-            "--out",
-            str(tmp_path / f"{name}.pt"),
-            *VARIANTS[name],
-            timeout=300,
-        )
-    plain = torch.load(tmp_path / "grpo.pt", weights_only=True)
-    clipped = torch.load(tmp_path / "grpo-clip.pt", weights_only=True)
+    ref = tmp_path / "ref.pt"
+    make_reference("hybrid_model", ref)
+    plain, clipped = [
+        run_against_reference("policy_update_layouts", 1, ref, tmp_path / f"{n}.pt", *VARIANTS[n])
+        for n in ("grpo", "grpo-clip")
+    ]
     assert float(plain["grad_norm"]) > 10 * CLIP
     torch.testing.assert_close(clipped["grad_norm"], plain["grad_norm"])  # reported before clipping
     moved = [k for k in plain if k != "grad_norm" and not torch.allclose(plain[k], clipped[k])]

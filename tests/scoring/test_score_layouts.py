@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_hybrid.scoring.selection import Candidate, select_fft_modules
-from tests.multirank import launch, worker_path
+from tests.multirank import make_reference, run_against_reference
 from tests.workers.score_layouts import SELECT
 
 pytestmark = pytest.mark.multirank
@@ -24,14 +24,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("score_layouts")
-    launch(
-        worker_path("score_layouts"),
-        1,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--make-reference",
-        timeout=300,
-    )
+    make_reference("score_layouts", tmp / "ref.pt")
     return tmp, torch.load(tmp / "ref.pt", weights_only=True)
 
 
@@ -43,18 +36,9 @@ def test_probe_restores_base_weights_bitwise(reference):
 def test_scores_and_selection_match_svdvals_reference(reference, layout):
     tmp, ref = reference
     nproc, args = LAYOUTS[layout]
-    out = tmp / f"{layout}.pt"
-    launch(
-        worker_path("score_layouts"),
-        nproc,
-        "--reference",
-        str(tmp / "ref.pt"),
-        "--out",
-        str(out),
-        *args,
-        timeout=300,
+    got = run_against_reference(
+        "score_layouts", nproc, tmp / "ref.pt", tmp / f"{layout}.pt", *args, weights_only=False
     )
-    got = torch.load(out, weights_only=False)
     for method, keys in (
         ("residual", ("residual", "residual_frac", "grad_norm", "stable_rank")),
         ("probe_residual", ("probe_residual", "probe_residual_frac", "epd")),
