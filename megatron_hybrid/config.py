@@ -56,6 +56,17 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
+def check_known_keys(cls: type, data: dict, path: str = "") -> None:
+    """ValueError naming the first key of ``data`` that is not a field of dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{path}.{key}" if path else key
+            raise ValueError(
+                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}"
+            )
+
+
 def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = None) -> T:
     """Build dataclass ``cls`` from a mapping, recursing into dataclass-typed fields.
 
@@ -68,13 +79,10 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
         raise ValueError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_known_keys(cls, data, path)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise ValueError(
-                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}"
-            )
         sub = _dataclass_type(hints[key])
         if sub is None or isinstance(value, sub) or (value is None and _is_optional(hints[key])):
             kwargs[key] = value

@@ -37,8 +37,8 @@ from pathlib import Path
 from megatron_hybrid.config import load_config
 from megatron_hybrid.demo.config import MODES, DemoConfig, quick_overrides
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
-from megatron_hybrid.demo.report import atomic_write_text
 from megatron_hybrid.demo.runner import Demo
+from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime
 

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "paired", "summarize", "write_report"]
+from megatron_hybrid.fileio import atomic_write_text
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)  # the old file, if any, is untouched
-        raise
+__all__ = ["paired", "summarize", "write_report"]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:

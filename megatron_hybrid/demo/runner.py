@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim, StageConfig
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
-from megatron_hybrid.demo.report import atomic_write_text
+from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision

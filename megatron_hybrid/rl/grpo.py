@@ -84,6 +84,7 @@ class GRPOConfig:
         normalisation unless the section names one too (``loss=dr_grpo`` alone is Dr.GRPO), and a
         constant normalisation without ``max_response_length`` takes ``sampling.max_new_tokens``.
         """
+        from megatron_hybrid.config import check_known_keys
         from megatron_hybrid.config import from_dict as build
 
         base = base if base is not None else cls()
@@ -93,12 +94,7 @@ class GRPOConfig:
             return cfg if loss is None else replace(cfg, loss=loss)
         if not isinstance(loss, dict):
             raise ValueError(f"loss: expected a mapping, got {type(loss).__name__} {loss!r}")
-        valid = PolicyLossConfig.__dataclass_fields__
-        for key in loss:
-            if key not in valid:
-                raise ValueError(
-                    f"unknown config key 'loss.{key}'; valid keys here: {', '.join(sorted(valid))}"
-                )
+        check_known_keys(PolicyLossConfig, loss, "loss")
         merged = asdict(base.loss)
         if loss.get("loss", base.loss.loss) != base.loss.loss:
             merged["normalization"] = None  # derived from the old loss: derive it again

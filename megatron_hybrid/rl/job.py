@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_hybrid.data.datasets import DataConfig, load_prompt_datasets
 from megatron_hybrid.data.tokenizers import build_tokenizer
 from megatron_hybrid.demo.config import MODES, DemoConfig, GRPOStageConfig, SFTStageConfig
-from megatron_hybrid.demo.report import atomic_write_text
+from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime

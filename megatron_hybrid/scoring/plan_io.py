@@ -10,11 +10,10 @@ Files are written atomically (temporary file + rename).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_hybrid.fileio import atomic_write
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
@@ -124,28 +123,12 @@ def _version() -> str:
 
 def save_plan(artifact: PlanArtifact, path: str | Path) -> Path:
     """Write the plan atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give the plan the mode an ordinary open() would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            json.dump(artifact.to_dict(), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
+    def write(f) -> None:
+        json.dump(artifact.to_dict(), f, indent=1)
+        f.write("\n")
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, write)
 
 
 def load_plan(path: str | Path) -> PlanArtifact:

@@ -134,16 +134,3 @@ def test_report_says_which_seeds_share_hybrids_run(tmp_path):
         "hybrid - hybrid-gradnorm: +0.167 +- 0.167 (n=3). Same modules, seed and settings as hybrid for seed(s) 0, 1:"
         in md
     )
-
-
-def test_atomic_write_text_replaces_or_leaves_the_old_file(tmp_path):
-    from megatron_hybrid.demo.report import atomic_write_text
-
-    path = tmp_path / "sub" / "results.json"
-    atomic_write_text(path, "old\n")
-    atomic_write_text(path, "new\n")
-    assert path.read_text() == "new\n"
-    with pytest.raises(TypeError):
-        atomic_write_text(path, None)  # fails while writing
-    assert path.read_text() == "new\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp left
