@@ -42,6 +42,17 @@ def _plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number_list(flag: str, text: str | None, kind: type) -> list | None:
+    """``"1e-3,3e-3"`` -> [0.001, 0.003]; None stays None; anything else exits naming ``flag``."""
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:  # also the empty string
+        what = "integers" if kind is int else "numbers"
+        raise SystemExit(f"{flag} must be comma-separated {what}, got {text!r}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from megatron_hybrid.config import load_config
     from megatron_hybrid.demo.config import DemoConfig, quick_overrides
@@ -50,19 +61,21 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = (quick_overrides() if args.quick else []) + list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
-    if args.lrs is not None and not args.sweep:
-        raise SystemExit("--lrs only applies with --sweep sft|grpo")
+    sweep_flags = {
+        "--lrs": args.lrs,
+        "--lora-mults": args.lora_mults,
+        "--sweep-seeds": args.sweep_seeds,
+    }
+    for flag, value in sweep_flags.items():
+        if value is not None and not args.sweep:
+            raise SystemExit(f"{flag} only applies with --sweep sft|grpo")
+    lrs = _number_list("--lrs", args.lrs, float)
+    mults = _number_list("--lora-mults", args.lora_mults, float)
+    seeds = _number_list("--sweep-seeds", args.sweep_seeds, int)
     cfg = load_config(DemoConfig, args.config, overrides)
     if args.sweep:
-        lrs = None
-        if args.lrs is not None:
-            try:
-                lrs = [float(x) for x in args.lrs.split(",")]
-            except ValueError:  # also the empty string
-                raise SystemExit(
-                    f"--lrs must be comma-separated numbers, got {args.lrs!r}"
-                ) from None
-        run_sweep(cfg, args.sweep, default_sweep_grid(cfg, args.sweep, lrs))
+        grid = default_sweep_grid(cfg, args.sweep, lrs, mults)
+        run_sweep(cfg, args.sweep, grid, seeds=tuple(seeds or (0,)))
         return 0
     run_demo(cfg)
     return 0
@@ -118,13 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--sweep",
         choices=("sft", "grpo"),
-        help="instead of the benchmark: sweep each mode's learning rate for this stage on the "
-        "validation split (seed 0) and write <out>/sweep_<stage>.json",
+        help="instead of the benchmark: sweep each mode's learning rates for this stage on the "
+        "validation split and write <out>/sweep_<stage>.json",
     )
     demo.add_argument(
         "--lrs",
         help="comma-separated learning rates for --sweep (default: each mode's configured rate "
         "x 1/3, 1, 3)",
+    )
+    demo.add_argument(
+        "--lora-mults",
+        help="comma-separated adapter learning-rate multipliers for --sweep, crossed with the "
+        "rates, for every mode with adapters (default: each mode's configured multiplier)",
+    )
+    demo.add_argument(
+        "--sweep-seeds",
+        help="comma-separated training seeds for --sweep; each point is trained once per seed and "
+        "ranked by the mean (default: 0)",
     )
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0,1,2]")
     demo.set_defaults(func=_demo)

@@ -15,6 +15,12 @@ def test_bad_clip_grad_names_the_stage(stage, value):
         load_config(DemoConfig, None, [f"{stage}.clip_grad={value}"])
 
 
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "true", ".nan"])
+def test_bad_adam_beta2_names_the_stage(value):
+    with pytest.raises(ValueError, match=r"sft: adam_beta2 must be a number in \(0, 1\)"):
+        load_config(DemoConfig, None, [f"sft.adam_beta2={value}"])
+
+
 def test_clip_grad_reaches_both_stages():
     cfg = load_config(DemoConfig, None, ["sft.clip_grad=1.0", "grpo.clip_grad=0.5"])
     assert (cfg.sft.clip_grad, cfg.grpo.clip_grad) == (1.0, 0.5)
@@ -25,13 +31,27 @@ def test_stage_optim_carries_the_stage_schedule_and_clip():
     from megatron_hybrid.demo.config import GRPOStageConfig, ModeOptim, SFTStageConfig
     from megatron_hybrid.demo.runner import stage_optim
 
-    sft = stage_optim("sft", SFTStageConfig(clip_grad=1.0), ModeOptim(lr=3e-3, lora_lr_mult=3))
-    assert (sft.lr, sft.lora_lr_mult, sft.warmup_steps, sft.decay, sft.clip_grad) == (
+    stage = SFTStageConfig(clip_grad=1.0, adam_beta2=0.95)
+    sft = stage_optim("sft", stage, ModeOptim(lr=3e-3, lora_lr_mult=3))
+    assert (
+        sft.lr,
+        sft.lora_lr_mult,
+        sft.warmup_steps,
+        sft.decay,
+        sft.clip_grad,
+        sft.adam_beta2,
+    ) == (
         3e-3,
         3,
         20,
         "cosine",
         1.0,
+        0.95,
     )
     grpo = stage_optim("grpo", GRPOStageConfig(), ModeOptim(lr=1e-4))
-    assert (grpo.warmup_steps, grpo.decay, grpo.clip_grad) == (0, "constant", 0.0)
+    assert (grpo.warmup_steps, grpo.decay, grpo.clip_grad, grpo.adam_beta2) == (
+        0,
+        "constant",
+        0.0,
+        0.999,
+    )

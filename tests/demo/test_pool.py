@@ -11,7 +11,7 @@ import time
 import pytest
 
 from megatron_hybrid.demo import pool
-from megatron_hybrid.demo.config import DemoConfig
+from megatron_hybrid.demo.config import DemoConfig, ModeOptim
 from megatron_hybrid.demo.runner import default_sweep_grid
 from tests.demo.cli import demo_cli
 from tests.multirank import REPO_ROOT
@@ -100,16 +100,28 @@ def test_default_sweep_grid_brackets_each_modes_rate():
     cfg = DemoConfig(modes=["fft", "lora"])
     grid = default_sweep_grid(cfg, "sft")
     assert set(grid) == {"fft", "lora"}
-    lr = cfg.sft.modes["fft"].lr
-    assert grid["fft"] == pytest.approx([lr / 3, lr, lr * 3])
-    assert default_sweep_grid(cfg, "grpo", [1e-4, 1e-3]) == {
-        "fft": [1e-4, 1e-3],
-        "lora": [1e-4, 1e-3],
-    }
+    lr, mult = cfg.sft.modes["lora"].lr, cfg.sft.modes["lora"].lora_lr_mult
+    assert [p.lr for p in grid["lora"]] == pytest.approx([lr / 3, lr, lr * 3])
+    assert {p.lora_lr_mult for p in grid["lora"]} == {mult}
+    assert default_sweep_grid(cfg, "grpo", [1e-4, 1e-3])["fft"] == [
+        ModeOptim(1e-4, cfg.grpo.modes["fft"].lora_lr_mult),
+        ModeOptim(1e-3, cfg.grpo.modes["fft"].lora_lr_mult),
+    ]
     with pytest.raises(ValueError, match="unknown stage 'rl'"):
         default_sweep_grid(cfg, "rl")
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
         default_sweep_grid(cfg, "sft", [0.0])
+    with pytest.raises(ValueError, match="lora_lr_mults must be > 0"):
+        default_sweep_grid(cfg, "sft", None, [3.0, -1.0])
+
+
+def test_sweep_grid_crosses_rates_with_adapter_multipliers_except_for_fft():
+    cfg = DemoConfig(modes=["fft", "lora", "hybrid"])
+    grid = default_sweep_grid(cfg, "sft", [1e-3, 3e-3, 1e-3], [2.0, 4.5])
+    pairs = [(1e-3, 2.0), (1e-3, 4.5), (3e-3, 2.0), (3e-3, 4.5)]  # the repeated rate counted once
+    assert [(p.lr, p.lora_lr_mult) for p in grid["lora"]] == pairs
+    assert [(p.lr, p.lora_lr_mult) for p in grid["hybrid"]] == pairs
+    assert [(p.lr, p.lora_lr_mult) for p in grid["fft"]] == [(1e-3, 1.0), (3e-3, 1.0)]
 
 
 def test_a_worker_exits_when_its_parent_dies(tmp_path):
