@@ -636,6 +636,7 @@ def run_sweep(
     "best": the point with the highest mean (ties: the lower rates)} and writes
     ``<out>/sweep_<stage>.json``.
     """
+    seeds = tuple(dict.fromkeys(seeds))  # a repeated seed would be the same run twice
     if not seeds:
         raise ValueError("sweep seeds must not be empty")
     initialize_runtime(cfg.parallel, seed=1234)
