@@ -42,19 +42,8 @@ def _plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number_list(flag: str, text: str | None, kind: type) -> list | None:
-    """``"1e-3,3e-3"`` -> [0.001, 0.003]; None stays None; anything else exits naming ``flag``."""
-    if text is None:
-        return None
-    try:
-        return [kind(x) for x in text.split(",")]
-    except ValueError:  # also the empty string
-        what = "integers" if kind is int else "numbers"
-        raise SystemExit(f"{flag} must be comma-separated {what}, got {text!r}") from None
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from megatron_hybrid.config import load_config
+    from megatron_hybrid.config import load_config, parse_number_list
     from megatron_hybrid.demo.config import DemoConfig, quick_overrides
     from megatron_hybrid.demo.runner import default_sweep_grid, run_demo, run_sweep
 
@@ -69,9 +58,9 @@ def _demo(args: argparse.Namespace) -> int:
     for flag, value in sweep_flags.items():
         if value is not None and not args.sweep:
             raise SystemExit(f"{flag} only applies with --sweep sft|grpo")
-    lrs = _number_list("--lrs", args.lrs, float)
-    mults = _number_list("--lora-mults", args.lora_mults, float)
-    seeds = _number_list("--sweep-seeds", args.sweep_seeds, int)
+    lrs = parse_number_list("--lrs", args.lrs)
+    mults = parse_number_list("--lora-mults", args.lora_mults)
+    seeds = parse_number_list("--sweep-seeds", args.sweep_seeds, int)
     cfg = load_config(DemoConfig, args.config, overrides)
     if args.sweep:
         grid = default_sweep_grid(cfg, args.sweep, lrs, mults)

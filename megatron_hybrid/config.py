@@ -141,6 +141,20 @@ def parse_overrides(items: list[str]) -> dict:
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 
 
+def parse_number_list(flag: str, text: str | None, kind: type = float) -> list | None:
+    """``"1e-3,3e-3"`` -> ``[0.001, 0.003]`` (``kind`` int or float); None stays None.
+
+    ValueError naming ``flag`` for anything else, the empty string included.
+    """
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():

@@ -34,7 +34,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from megatron_hybrid.config import load_config
+from megatron_hybrid.config import load_config, parse_number_list
 from megatron_hybrid.demo.config import MODES, DemoConfig, quick_overrides
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
 from megatron_hybrid.demo.runner import Demo
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the benchmark config")
     args = ap.parse_args(argv)
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        seeds = parse_number_list("--seeds", args.seeds, int)
+    except ValueError as e:
+        ap.error(str(e))
     overrides = (quick_overrides() if args.quick else []) + [f"out={args.out}", *args.overrides]
     cfg = load_config(DemoConfig, None, overrides)
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid.config import from_dict, load_config, parse_overrides, to_dict
+from megatron_hybrid.config import (
+    from_dict,
+    load_config,
+    parse_number_list,
+    parse_overrides,
+    to_dict,
+)
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.train.quickstart import QuickstartConfig
 
@@ -227,3 +233,13 @@ def test_missing_file_is_a_file_not_found_error_naming_it(tmp_path):
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(QuickstartConfig, tmp_path)
+
+
+def test_parse_number_list_names_the_flag():
+    assert parse_number_list("--lrs", "1e-3,3e-3") == [1e-3, 3e-3]
+    assert parse_number_list("--seeds", "5,6", int) == [5, 6]
+    assert parse_number_list("--seeds", None, int) is None
+    with pytest.raises(ValueError, match=r"--seeds must be comma-separated integers, got '0,1.5'"):
+        parse_number_list("--seeds", "0,1.5", int)
+    with pytest.raises(ValueError, match=r"--lrs must be comma-separated numbers, got ''"):
+        parse_number_list("--lrs", "")

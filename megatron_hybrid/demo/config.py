@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
@@ -112,18 +113,14 @@ class StageConfig:
     """AdamW's second-moment decay in every mode (Megatron's ``adam_beta2``)."""
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.adam_beta2, bool)
-            or not isinstance(self.adam_beta2, int | float)
-            or not 0 < self.adam_beta2 < 1
-        ):
-            raise ValueError(f"adam_beta2 must be a number in (0, 1), got {self.adam_beta2!r}")
-        if (
-            isinstance(self.clip_grad, bool)
-            or not isinstance(self.clip_grad, int | float)
-            or not self.clip_grad >= 0
-        ):
-            raise ValueError(f"clip_grad must be a number >= 0, got {self.clip_grad!r}")
+        _check_number("clip_grad", self.clip_grad, lambda v: v >= 0, ">= 0")
+        _check_number("adam_beta2", self.adam_beta2, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def _check_number(key: str, value: object, ok: Callable[[float], bool], what: str) -> None:
+    """ValueError naming ``key`` unless ``value`` is an int or float (not bool, not NaN) with ``ok``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise ValueError(f"{key} must be a number {what}, got {value!r}")
 
 
 @dataclass

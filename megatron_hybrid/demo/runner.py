@@ -646,18 +646,23 @@ def run_sweep(
         demo = Demo(cfg, say)
         demo.warm_up()
         on_val, table = demo.validation_stage(stage)
+        # (mode, index of the point in grid[mode], seed), one training run each
         points = [
-            (mode, opt, seed) for mode, opts in grid.items() for opt in opts for seed in seeds
+            (mode, j, seed)
+            for mode, opts in grid.items()
+            for j in range(len(opts))
+            for seed in seeds
         ]
         jobs = [
-            (stage, mode, seed, on_val, demo.plan_for(mode, table, seed), opt)
-            for mode, opt, seed in points
+            (stage, mode, seed, on_val, demo.plan_for(mode, table, seed), grid[mode][j])
+            for mode, j, seed in points
         ]
-        found: dict[int, float] = {}
+        found: dict[tuple[str, int, int], float] = {}
 
         def on_result(index: int, res: RunResult) -> None:
-            found[index] = res.final_heldout_accuracy
-            mode, opt, seed = points[index]
+            mode, j, seed = points[index]
+            found[points[index]] = res.final_heldout_accuracy
+            opt = grid[mode][j]
             say(
                 f"  sweep {stage} {mode:16s} lr {opt.lr:.1e} adapters x{opt.lora_lr_mult:g} seed {seed}: "
                 f"validation accuracy {res.final_heldout_accuracy:.3f} ({res.wall_time_s:.0f} s)"
@@ -665,19 +670,24 @@ def run_sweep(
 
         run_jobs(demo, jobs, resolve_workers(cfg.workers, len(jobs)), on_result)
         out: dict[str, dict] = {}
-        for i, (mode, opt, seed) in enumerate(points):
-            results = out.setdefault(mode, {"results": []})["results"]
-            if not results or (results[-1]["lr"], results[-1]["lora_lr_mult"]) != (
-                opt.lr,
-                opt.lora_lr_mult,
-            ):
-                results.append({"lr": opt.lr, "lora_lr_mult": opt.lora_lr_mult, "per_seed": {}})
-            results[-1]["per_seed"][str(seed)] = found[i]
-        for mode, entry in out.items():
-            for r in entry["results"]:
-                r["mean"] = sum(r["per_seed"].values()) / len(r["per_seed"])
-            best = max(entry["results"], key=lambda r: (r["mean"], -r["lr"], -r["lora_lr_mult"]))
-            entry["best"] = {k: best[k] for k in ("lr", "lora_lr_mult", "mean")}
+        for mode, opts in grid.items():
+            results = []
+            for j, opt in enumerate(opts):
+                per_seed = {str(seed): found[(mode, j, seed)] for seed in seeds}
+                mean = sum(per_seed.values()) / len(per_seed)
+                results.append(
+                    {
+                        "lr": opt.lr,
+                        "lora_lr_mult": opt.lora_lr_mult,
+                        "per_seed": per_seed,
+                        "mean": mean,
+                    }
+                )
+            best = max(results, key=lambda r: (r["mean"], -r["lr"], -r["lora_lr_mult"]))
+            out[mode] = {
+                "results": results,
+                "best": {k: best[k] for k in ("lr", "lora_lr_mult", "mean")},
+            }
             say(
                 f"  best {stage} {mode:16s} lr {best['lr']:.1e} adapters x{best['lora_lr_mult']:g}: "
                 f"mean validation accuracy {best['mean']:.3f} over seeds {', '.join(map(str, seeds))}"
