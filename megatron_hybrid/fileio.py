@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 __all__ = ["atomic_write", "atomic_write_text"]
 
@@ -16,8 +16,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
-def atomic_write(path: str | Path, write: Callable[[TextIO], object]) -> Path:
-    """Call ``write(f)`` on a temporary text file in ``path``'s folder, fsync it, rename it.
+def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: bool = False) -> Path:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder (text, or bytes with
+    ``binary=True``), fsync it, rename it.
 
     A reader sees the old file or the new one, never half of it; if ``write`` (or the rename)
     fails, the temporary file is removed and the old file, if any, is untouched. The file gets the
@@ -28,7 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[TextIO], object]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -143,12 +143,7 @@ def start_from_partial_sft(
         for c in ddp
     ]
     mp_rank = parallel_state.get_model_parallel_group().rank()
-    path = Path(cfg.out) / f"start-base-mp{mp_rank}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(demo.base_state, tmp)
-    tmp.replace(path)
-    demo.base_path = path
+    demo.save_base(Path(cfg.out) / f"start-base-mp{mp_rank}.pt")
     demo.say(
         f"start: the base after {step} SFT steps (all weights), "
         f"accuracy {acc:.3f} on {len(check)} SFT validation prompts"

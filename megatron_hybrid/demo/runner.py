@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim, StageConfig
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
-from megatron_hybrid.fileio import atomic_write_text
+from megatron_hybrid.fileio import atomic_write, atomic_write_text
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
@@ -316,10 +316,16 @@ class Demo:
         self.say(
             f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
         )
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.base_state, tmp)
-        tmp.replace(path)
+        self.save_base(path)
+
+    def save_base(self, path: Path) -> None:
+        """Write this model-parallel rank's base weights to ``path`` atomically (one writer per
+        data-parallel group: its ranks hold the same weights) and wait for every rank; worker
+        processes load the base from ``path``."""
+        if self.dp_rank == 0:
+            atomic_write(path, lambda f: torch.save(self.base_state, f), binary=True)
+        dist.barrier()
+        self.base_path = path
 
     def _sampled_batches(self, task: ArithTask, batch_size: int, seed: int):
         gen = torch.Generator().manual_seed(seed)

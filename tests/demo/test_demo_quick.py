@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.demo.cli import demo_cli
+from tests.multirank import REPO_ROOT, launch
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +64,18 @@ def test_demo_quick_smoke(tmp_path):
             assert (r.get("shared_with") == "hybrid") == same
             if same:
                 assert r["accuracy_curve"] == h["accuracy_curve"]
+
+
+def test_demo_quick_under_torchrun_at_dp2_writes_one_cached_base(tmp_path):
+    """Two data-parallel ranks share the base cache file: one writer per model-parallel rank,
+    no temporary file left behind, and the results written once (by rank 0)."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    launch(
+        REPO_ROOT / "megatron_hybrid" / "cli.py",
+        2,
+        "demo", "--quick", "--out", str(out), f"cache_dir={cache}", "tensorboard=false",
+        timeout=900,
+    )  # fmt: skip
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("base-*-tp1pp1-mp0.pt")).name]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 10 and all(0.0 <= r["final_heldout_accuracy"] <= 1.0 for r in runs)
