@@ -134,16 +134,8 @@ def start_from_partial_sft(
             acc = demo.accuracy(ddp, check)
             if acc >= target:
                 break
-    demo.base_state = [
-        {
-            k: v.detach().clone()
-            for k, v in c.module.state_dict().items()
-            if not k.endswith("_extra_state")
-        }
-        for c in ddp
-    ]
     mp_rank = parallel_state.get_model_parallel_group().rank()
-    demo.save_base(Path(cfg.out) / f"start-base-mp{mp_rank}.pt")
+    demo.set_base(ddp, Path(cfg.out) / f"start-base-mp{mp_rank}.pt")
     demo.say(
         f"start: the base after {step} SFT steps (all weights), "
         f"accuracy {acc:.3f} on {len(check)} SFT validation prompts"

@@ -304,6 +304,17 @@ class Demo:
             ok, _, _ = opt.step()
             if not ok:
                 raise RuntimeError(f"warm-up step {step}: non-finite gradients")
+        acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
+        self.say(
+            f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
+        )
+        self.set_base(ddp, path)
+
+    def set_base(self, ddp: list[torch.nn.Module], path: Path) -> None:
+        """Make the weights of the trained ``ddp`` chunks the base of every later run, and write
+        this model-parallel rank's share to ``path`` atomically (one writer per data-parallel
+        group: its ranks hold the same weights), then wait for every rank; worker processes load
+        the base from ``path``."""
         self.base_state = [
             {
                 k: v.detach().clone()
@@ -312,16 +323,6 @@ class Demo:
             }
             for c in ddp
         ]
-        acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
-        self.say(
-            f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
-        )
-        self.save_base(path)
-
-    def save_base(self, path: Path) -> None:
-        """Write this model-parallel rank's base weights to ``path`` atomically (one writer per
-        data-parallel group: its ranks hold the same weights) and wait for every rank; worker
-        processes load the base from ``path``."""
         if self.dp_rank == 0:
             atomic_write(path, lambda f: torch.save(self.base_state, f), binary=True)
         dist.barrier()
