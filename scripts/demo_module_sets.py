@@ -20,18 +20,13 @@ Run (CPU; the base model is warmed up once and cached in ``cache_dir``)::
 
 Trailing ``key=value`` arguments override the benchmark config (``sft.steps=900``, ...);
 ``--quick`` applies the ``--quick`` preset (a smoke test). Writes ``<out>/module_sets.json``.
-GRPO on the SFT stage's new operation, for instance::
+The GRPO stage starts from its half-trained start (``grpo.start``, made once and cached), for
+instance::
 
-    python scripts/demo_module_sets.py --stage grpo --seeds 0,1 --set fft=fft --set lora=lora \
-        grpo.task.op=# grpo.task.symbol=- grpo.task.min_digits=1 grpo.task.max_digits=3
+    python scripts/demo_module_sets.py --stage grpo --seeds 5,6,7,8,9 \
+        --set fft=fft --set lora=lora --set residual=hybrid [grpo.modes.lora.lr=3e-4 ...]
 
-and the same from a half-trained start (``--start-accuracy 0.3``: the base is first fine-tuned on
-the SFT stage's data until 30% of the SFT validation prompts are right, then every run starts
-there)::
-
-    python scripts/demo_module_sets.py --stage grpo --seeds 0,1,2,3,4 --start-accuracy 0.3 \
-        --set fft=fft --set lora=lora --set residual=hybrid grpo.steps=100 \
-        grpo.task.op=# grpo.task.symbol=- grpo.task.min_digits=1 grpo.task.max_digits=3
+and from the warmed-up base itself with ``grpo.start.target_accuracy=0``.
 """
 
 from __future__ import annotations
@@ -42,22 +37,13 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from megatron.core import parallel_state
-
 from megatron_hybrid.config import load_config, parse_number_list
 from megatron_hybrid.demo.config import MODES, DemoConfig, quick_overrides
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
-from megatron_hybrid.demo.runner import Demo, make_problem_set, stage_optim
+from megatron_hybrid.demo.runner import Demo
 from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime
-from megatron_hybrid.train.step import (
-    build_optimizer,
-    lm_forward_backward,
-    set_learning_rate,
-    wrap_ddp,
-)
 
 _KINDS = {
     "qkv": "self_attention.linear_qkv",
@@ -97,52 +83,6 @@ def parse_sets(specs: list[str], candidates: list[str]) -> dict[str, str | list[
     return out
 
 
-def start_from_partial_sft(
-    demo: Demo, target: float, check_every: int = 20, check_prompts: int = 100
-) -> tuple[int, float]:
-    """Replace the base of every run by a half-trained model (``--start-accuracy``).
-
-    Fine-tunes all weights of the base on the SFT stage's training split, with the SFT stage's
-    ``fft`` learning rate and schedule, and stops at the first check (greedy accuracy on the first
-    ``check_prompts`` prompts of the SFT stage's validation split, every ``check_every`` steps)
-    that reaches ``target``, or at the end of the schedule. Prompts held out by the GRPO stage
-    (its validation and test splits) are removed from the training data first. The weights are
-    saved under ``cfg.out`` so that worker processes start from them too.
-
-    Returns ``(steps trained, accuracy at the last check)``.
-    """
-    cfg = demo.cfg
-    sft = make_problem_set(cfg.sft.task, cfg.sft.test_size, cfg.sft.val_size)
-    rl = make_problem_set(cfg.grpo.task, cfg.grpo.test_size, cfg.grpo.val_size)
-    held = {prompt for prompt, _ in rl.val + rl.test}
-    train = [pair for pair in sft.train if pair[0] not in held]
-    check = sft.val[:check_prompts]
-    torch.manual_seed(0)
-    ddp = wrap_ddp(demo.fresh_model())
-    optim = stage_optim("sft", cfg.sft, cfg.sft.modes["fft"])
-    opt = build_optimizer(ddp, optim)
-    draw = demo.sft_batches(train, cfg.sft.batch_size, seed=31_337)
-    step, acc = 0, 0.0
-    while step < cfg.sft.steps:
-        set_learning_rate(opt, optim, step, cfg.sft.steps)
-        lm_forward_backward(ddp, draw())
-        ok, _, _ = opt.step()
-        step += 1
-        if not ok:
-            raise RuntimeError(f"--start-accuracy: SFT step {step}: non-finite gradients")
-        if step % check_every == 0 or step == cfg.sft.steps:
-            acc = demo.accuracy(ddp, check)
-            if acc >= target:
-                break
-    mp_rank = parallel_state.get_model_parallel_group().rank()
-    demo.set_base(ddp, Path(cfg.out) / f"start-base-mp{mp_rank}.pt")
-    demo.say(
-        f"start: the base after {step} SFT steps (all weights), "
-        f"accuracy {acc:.3f} on {len(check)} SFT validation prompts"
-    )
-    return step, acc
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=("sft", "grpo"), default="sft")
@@ -150,24 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME=MODULES")
     ap.add_argument("--out", default="runs/module_sets")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick preset (smoke test)")
-    ap.add_argument(
-        "--start-accuracy",
-        type=float,
-        metavar="A",
-        help="(--stage grpo) start every run from the base fine-tuned on the SFT stage's data "
-        "until its validation accuracy reaches A (a half-trained start for RL)",
-    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the benchmark config")
     args = ap.parse_args(argv)
     try:
         seeds = parse_number_list("--seeds", args.seeds, int)
     except ValueError as e:
         ap.error(str(e))
-    if args.start_accuracy is not None:
-        if args.stage != "grpo":
-            ap.error("--start-accuracy needs --stage grpo")
-        if not 0.0 < args.start_accuracy <= 1.0:
-            ap.error(f"--start-accuracy must be in (0, 1], got {args.start_accuracy}")
     overrides = (quick_overrides() if args.quick else []) + [f"out={args.out}", *args.overrides]
     cfg = load_config(DemoConfig, None, overrides)
 
@@ -175,10 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         demo = Demo(cfg, print)
         demo.warm_up()
-        start = None
-        if args.start_accuracy is not None:
-            steps, acc = start_from_partial_sft(demo, args.start_accuracy)
-            start = {"target_accuracy": args.start_accuracy, "sft_steps": steps, "accuracy": acc}
+        start = demo.prepare_start(args.stage)
         on_val, table = demo.validation_stage(args.stage)
         candidates = sorted(table)
         sets = parse_sets(args.sets, candidates)

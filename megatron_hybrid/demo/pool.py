@@ -3,7 +3,7 @@
 A tiny model on a CPU keeps one core busy per process far better than it uses two threads in one
 process, so a single-process benchmark fans its (stage, mode, seed) runs out to ``workers``
 processes (``spawn``ed; each has its own single-process Megatron runtime and loads the cached base
-weights). Every run seeds itself, so a run's result does not depend on which worker ran it or in
+and start weights). Every run seeds itself, so a run's result does not depend on which worker ran it or in
 which order; only the number of intra-op threads per process changes (``cores // workers``), which
 can change floating-point rounding. Under ``torchrun`` (world size > 1) runs stay sequential: every
 rank takes part in every run.
@@ -87,7 +87,12 @@ def run_jobs(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(demo.cfg, str(demo.base_path), threads),
+        initargs=(
+            demo.cfg,
+            str(demo.base_path),
+            {stage: str(path) for stage, path in demo.start_paths.items()},
+            threads,
+        ),
     )
     try:
         futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
@@ -109,7 +114,7 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _init_worker(cfg, base_path: str, threads: int) -> None:
+def _init_worker(cfg, base_path: str, start_paths: dict[str, str], threads: int) -> None:
     from megatron_hybrid.demo.runner import Demo
     from megatron_hybrid.runtime.distributed import LAUNCHER_ENV_VARS, initialize_runtime
 
@@ -120,6 +125,8 @@ def _init_worker(cfg, base_path: str, threads: int) -> None:
     initialize_runtime(cfg.parallel, seed=1234)
     demo = Demo(cfg, lambda *_a, **_k: None, log_suffix=f".worker{os.getpid()}")
     demo.base_state = torch.load(base_path, weights_only=True)
+    for stage, path in start_paths.items():
+        demo.start_states[stage] = torch.load(path, weights_only=True)
     _STATE["demo"] = demo
 
 

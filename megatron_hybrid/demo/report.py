@@ -87,8 +87,17 @@ def _markdown(data: dict) -> str:
         "gradients of trainables + optimizer state; peak memory is CUDA peak allocation on GPU "
         "and the peak RSS increase on CPU (a lower bound: memory freed by earlier runs is reused)."
     )
+    starts = data.get("starts", {})
     for stage, modes in summary.items():
         lines += ["", f"## Stage: {stage}", ""]
+        if stage in starts:
+            st = starts[stage]
+            lines += [
+                f"Every run starts from the base fine-tuned (all weights) on this stage's training "
+                f"split for {st['steps']} steps: greedy accuracy {st['accuracy']:.3f} on "
+                f"{st['check_size']} validation prompts (target {st['target_accuracy']:g}).",
+                "",
+            ]
         lines.append(
             "| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | reward, last 10 steps | wall time (s) | trainable params | optimizer state (MiB) | training state (MiB) | peak memory (MiB) |"
         )
@@ -143,7 +152,7 @@ def _markdown(data: dict) -> str:
         top = sorted(table.items(), key=lambda kv: -kv[1].get(method, 0))[:4]
         lines += [
             "",
-            f"Top modules by {method} at the base ({stage} data): "
+            f"Top modules by {method} at the {'start' if stage in starts else 'base'} ({stage} data): "
             + ", ".join(f"{n} ({v.get(method, 0):.3g})" for n, v in top),
         ]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The embedded benchmark: warm up a base, then compare modes x seeds in an SFT and a GRPO stage.
 
-Every run of every mode starts from the same base weights; seeds are shared across modes (the
+Every run of a stage starts from the same weights (the warmed-up base; the GRPO stage from a
+half-trained start, ``grpo.start``); seeds are shared across modes (the
 seed picks the data order, the adapters' init, sampling, and the ``hybrid-random`` modules), so
 differences between modes can be compared per seed (paired).
 """
@@ -186,6 +187,13 @@ def _mp_sum(value: int) -> int:
     return int(t)
 
 
+def _on_every_rank(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (for example: every rank finds its cache file)."""
+    found = torch.tensor([1 if flag else 0])
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return bool(int(found))
+
+
 def _digest(*objs) -> str:
     return hashlib.sha256(
         json.dumps(
@@ -213,9 +221,13 @@ class Demo:
         self.rank0 = dist.get_rank() == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.base_state: dict[str, torch.Tensor] | None = None
+        self.base_state: list[dict[str, torch.Tensor]] | None = None
         self.base_path: Path | None = None
         """This rank's cached base weights (set by :meth:`warm_up`; worker processes load it)."""
+        self.start_states: dict[str, list[dict[str, torch.Tensor]]] = {}
+        """stage -> the weights its runs start from instead of the base (:meth:`prepare_start`)."""
+        self.start_paths: dict[str, Path] = {}
+        """stage -> this rank's cached start weights (worker processes load them)."""
         self.writer = None
         if cfg.tensorboard and self.rank0:
             try:
@@ -228,11 +240,13 @@ class Demo:
                 self.say(f"(TensorBoard logging off: {e})")
 
     # -- models ------------------------------------------------------------------------------------
-    def fresh_model(self) -> list[torch.nn.Module]:
+    def fresh_model(self, stage: str | None = None) -> list[torch.nn.Module]:
+        """The model chunks with ``stage``'s start weights (:meth:`prepare_start`), else the base's."""
         chunks = build_model(self.cfg.model, self.cfg.parallel)
-        if self.base_state is not None:
+        state = self.start_states.get(stage, self.base_state) if stage else self.base_state
+        if state is not None:
             for i, c in enumerate(chunks):
-                missing = c.load_state_dict(self.base_state[i], strict=False)
+                missing = c.load_state_dict(state[i], strict=False)
                 bad = [k for k in missing.missing_keys if not k.endswith("_extra_state")]
                 if bad or missing.unexpected_keys:
                     raise RuntimeError(
@@ -272,15 +286,10 @@ class Demo:
     # -- base --------------------------------------------------------------------------------------
     def warm_up(self) -> None:
         cfg = self.cfg
-        cache = Path(cfg.cache_dir or (Path(cfg.out).parent / "cache"))
-        key = _digest(cfg.model, cfg.warmup, cfg.seq_length)
-        layout = f"tp{cfg.parallel.tensor_model_parallel_size}pp{cfg.parallel.pipeline_model_parallel_size}"
-        mp_rank = parallel_state.get_model_parallel_group().rank()
-        path = cache / f"base-{key}-{layout}-mp{mp_rank}.pt"
+        key = self._base_key()
+        path = self._cache_path("base", key)
         self.base_path = path
-        found = torch.tensor([1 if path.is_file() else 0])
-        dist.all_reduce(found, op=dist.ReduceOp.MIN)
-        if int(found):
+        if _on_every_rank(path.is_file()):
             self.base_state = torch.load(path, weights_only=True)
             self.say(f"base model: loaded from cache {path.parent} ({key})")
             return
@@ -312,10 +321,15 @@ class Demo:
 
     def set_base(self, ddp: list[torch.nn.Module], path: Path) -> None:
         """Make the weights of the trained ``ddp`` chunks the base of every later run, and write
-        this model-parallel rank's share to ``path`` atomically (one writer per data-parallel
-        group: its ranks hold the same weights), then wait for every rank; worker processes load
-        the base from ``path``."""
-        self.base_state = [
+        this model-parallel rank's share to ``path`` (:meth:`_save_weights`); worker processes
+        load the base from ``path``."""
+        self.base_state = self._save_weights(ddp, path)
+        self.base_path = path
+
+    def _save_weights(self, ddp: list[torch.nn.Module], path: Path) -> list[dict]:
+        """A copy of the ``ddp`` chunks' weights, written to ``path`` atomically by one writer per
+        data-parallel group (its ranks hold the same weights); every rank waits for the write."""
+        state = [
             {
                 k: v.detach().clone()
                 for k, v in c.module.state_dict().items()
@@ -324,9 +338,86 @@ class Demo:
             for c in ddp
         ]
         if self.dp_rank == 0:
-            atomic_write(path, lambda f: torch.save(self.base_state, f), binary=True)
+            atomic_write(path, lambda f: torch.save(state, f), binary=True)
         dist.barrier()
-        self.base_path = path
+        return state
+
+    def _base_key(self) -> str:
+        return _digest(self.cfg.model, self.cfg.warmup, self.cfg.seq_length)
+
+    def _cache_path(self, kind: str, key: str) -> Path:
+        """This model-parallel rank's file of a cached model (``kind``: base, start)."""
+        cfg = self.cfg
+        cache = Path(cfg.cache_dir or (Path(cfg.out).parent / "cache"))
+        layout = f"tp{cfg.parallel.tensor_model_parallel_size}pp{cfg.parallel.pipeline_model_parallel_size}"
+        mp_rank = parallel_state.get_model_parallel_group().rank()
+        return cache / f"{kind}-{key}-{layout}-mp{mp_rank}.pt"
+
+    def prepare_start(self, stage: str) -> dict | None:
+        """The GRPO stage's half-trained start (``grpo.start``, see
+        :class:`~megatron_hybrid.demo.config.StartConfig`): loaded from the cache or trained from
+        the base (call :meth:`warm_up` first), then every ``stage`` run starts there.
+
+        Returns ``{"target_accuracy", "steps", "accuracy", "check_size"}`` (``steps`` trained,
+        greedy accuracy at the last check), or None when ``stage`` has no start.
+        """
+        cfg = self.cfg
+        start = cfg.grpo.start
+        if stage != "grpo" or not start.enabled:
+            return None
+        if self.base_state is None:
+            raise RuntimeError("prepare_start needs the base: call warm_up() first")
+        task = cfg.grpo.task
+        key = _digest(self._base_key(), start, task, cfg.grpo.test_size, cfg.grpo.val_size)
+        path = self._cache_path("start", key)
+        meta_path = path.with_name(f"start-{key}.json")
+        if _on_every_rank(path.is_file() and meta_path.is_file()):
+            self.start_states[stage] = torch.load(path, weights_only=True)
+            self.start_paths[stage] = path
+            info = json.loads(meta_path.read_text())
+            self.say(f"[{stage}] start: loaded from cache {path.parent} ({key})")
+            return info
+        problems = make_problem_set(task, cfg.grpo.test_size, cfg.grpo.val_size)
+        check = problems.val[: start.check_size]
+        self.say(
+            f"[{stage}] start: fine-tuning the base on {len(problems.train)} training problems "
+            f"until {start.target_accuracy:.0%} of {len(check)} validation prompts are right ..."
+        )
+        torch.manual_seed(0)
+        ddp = wrap_ddp(self.fresh_model())
+        optim = OptimConfig(
+            lr=start.lr, warmup_steps=start.warmup_steps, decay="cosine", min_lr_ratio=0.0
+        )
+        opt = build_optimizer(ddp, optim)
+        draw = self.sft_batches(problems.train, start.batch_size, seed=start.seed)
+        t0 = time.perf_counter()
+        step, acc = 0, 0.0
+        while step < start.max_steps:
+            set_learning_rate(opt, optim, step, start.max_steps)
+            lm_forward_backward(ddp, draw())
+            ok, _, _ = opt.step()
+            step += 1
+            if not ok:
+                raise RuntimeError(f"grpo.start: step {step}: non-finite gradients")
+            if step % start.check_interval == 0 or step == start.max_steps:
+                acc = self.accuracy(ddp, check)
+                if acc >= start.target_accuracy:
+                    break
+        info = {
+            "target_accuracy": start.target_accuracy,
+            "steps": step,
+            "accuracy": acc,
+            "check_size": len(check),
+        }
+        if dist.get_rank() == 0:
+            atomic_write_text(meta_path, json.dumps(info) + "\n")
+        self.start_states[stage] = self._save_weights(ddp, path)
+        self.start_paths[stage] = path
+        self.say(
+            f"[{stage}] start: the base after {step} steps (all weights, {time.perf_counter() - t0:.0f} s), "
+            f"accuracy {acc:.3f} on {len(check)} validation prompts"
+        )
+        return info
 
     def _sampled_batches(self, task: ArithTask, batch_size: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -341,7 +432,7 @@ class Demo:
     def score_table(self, problems: ProblemSet, stage: str) -> dict[str, dict]:
         """Scores of every candidate at the base, for the stage's data (gradient and probe families)."""
         cfg = self.cfg
-        chunks = self.fresh_model()
+        chunks = self.fresh_model(stage)
         draw = self.sft_batches(problems.train, 64, seed=4242)
         cache: dict[int, list] = {}
 
@@ -355,8 +446,9 @@ class Demo:
             sc = ScoreConfig(**{**asdict(cfg.score), "method": method, "probe": cfg.score.probe})
             for m in score_modules(chunks, batches, sc, cfg.lora.rank):
                 table.setdefault(m.name, {"params": m.params}).update(m.scores)
+        at = "the stage's start" if stage in self.start_states else "the base"
         self.say(
-            f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at the base"
+            f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at {at}"
         )
         return table
 
@@ -403,7 +495,7 @@ class Demo:
         torch.manual_seed(seed)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            chunks = self.fresh_model()
+            chunks = self.fresh_model(stage)
             summary = apply_hybrid_plan(chunks, plan)
             reference = (
                 ReferencePolicy(chunks)
@@ -535,8 +627,12 @@ def run_demo(
         demo.warm_up()
         stages = [s for s in ("sft", "grpo") if getattr(cfg, s).enabled]
         plans_used: dict[str, dict] = {}
+        starts: dict[str, dict] = {}
         jobs = []
         for stage in stages:
+            info = demo.prepare_start(stage)
+            if info is not None:
+                starts[stage] = info
             scfg = getattr(cfg, stage)
             problems = make_problem_set(scfg.task, scfg.test_size, scfg.val_size)
             table = demo.score_table(problems, stage)
@@ -582,6 +678,7 @@ def run_demo(
         out = {
             "config": _jsonable(asdict(cfg)),
             "total_wall_time_s": elapsed,
+            "starts": starts,
             "plans": plans_used,
             "runs": [asdict(r) for r in results],
         }
@@ -652,6 +749,7 @@ def run_sweep(
         say = printer if rank0 else (lambda *_a, **_k: None)
         demo = Demo(cfg, say)
         demo.warm_up()
+        demo.prepare_start(stage)
         on_val, table = demo.validation_stage(stage)
         # (mode, index of the point in grid[mode], seed), one training run each
         points = [

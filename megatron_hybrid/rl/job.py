@@ -21,7 +21,13 @@ import torch.distributed as dist
 
 from megatron_hybrid.data.datasets import DataConfig, load_prompt_datasets
 from megatron_hybrid.data.tokenizers import build_tokenizer
-from megatron_hybrid.demo.config import MODES, DemoConfig, GRPOStageConfig, SFTStageConfig
+from megatron_hybrid.demo.config import (
+    MODES,
+    DemoConfig,
+    GRPOStageConfig,
+    SFTStageConfig,
+    StartConfig,
+)
 from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
@@ -50,7 +56,9 @@ class PostTrainConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     sft: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(steps=200, eval_interval=50))
     grpo: GRPOStageConfig = field(
-        default_factory=lambda: GRPOStageConfig(steps=50, eval_interval=10)
+        default_factory=lambda: GRPOStageConfig(
+            steps=50, eval_interval=10, start=StartConfig(target_accuracy=0.0)
+        )
     )
     seq_length: int = 64
     init_checkpoint: str | None = None
@@ -64,6 +72,11 @@ class PostTrainConfig:
             raise ValueError("data.path is required (--data FILE)")
         if not self.data.holdout_fraction:
             self.data.holdout_fraction = 0.1
+        if self.grpo.start.enabled:
+            raise ValueError(
+                "grpo.start.target_accuracy is the embedded benchmark's half-trained start; "
+                "on your data, start from a checkpoint instead (init_checkpoint=DIR)"
+            )
 
 
 def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:

@@ -55,3 +55,32 @@ def test_stage_optim_carries_the_stage_schedule_and_clip():
         0.0,
         0.999,
     )
+
+
+def test_grpo_start_defaults_and_overrides():
+    start = DemoConfig().grpo.start
+    assert start.enabled and start.target_accuracy == 0.3 and start.max_steps == 600
+    cfg = load_config(
+        DemoConfig, None, ["grpo.start.target_accuracy=0", "grpo.start.check_size=50"]
+    )
+    assert not cfg.grpo.start.enabled and cfg.grpo.start.check_size == 50
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        (
+            "target_accuracy=1.5",
+            r"grpo.start: target_accuracy must be a number in \[0, 1\], got 1.5",
+        ),
+        ("target_accuracy=-0.1", r"target_accuracy must be a number in \[0, 1\]"),
+        ("lr=0", r"grpo.start: lr must be a number > 0, got 0"),
+        ("max_steps=0", r"grpo.start: max_steps must be an integer >= 1, got 0"),
+        ("check_interval=2.5", r"grpo.start: check_interval must be an integer >= 1, got 2.5"),
+        ("warmup_steps=600", r"grpo.start: warmup_steps must be an integer in \[0, max_steps\)"),
+        ("steps=3", r"unknown config key 'grpo.start.steps'"),
+    ],
+)
+def test_bad_grpo_start_names_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(DemoConfig, None, [f"grpo.start.{override}"])

@@ -55,6 +55,11 @@ def test_demo_quick_smoke(tmp_path):
     )
     assert all(r["reward_curve"] for r in runs if r["stage"] == "grpo")
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    # the GRPO runs start from the half-trained start (the quick preset: its 40-step schedule)
+    start = data["starts"]["grpo"]
+    assert start["steps"] == 40 or start["accuracy"] >= start["target_accuracy"]
+    assert "Every run starts from the base fine-tuned" in (out / "report.md").read_text()
+    assert "sft" not in data["starts"]
     # a mode whose plan equals hybrid's for a seed reports hybrid's run, marked as shared
     by_key = {(r["stage"], r["mode"], r["seed"]): r for r in runs}
     for (stage, mode, seed), r in by_key.items():
@@ -67,8 +72,8 @@ def test_demo_quick_smoke(tmp_path):
 
 
 def test_demo_quick_under_torchrun_at_dp2_writes_one_cached_base(tmp_path):
-    """Two data-parallel ranks share the base cache file: one writer per model-parallel rank,
-    no temporary file left behind, and the results written once (by rank 0)."""
+    """Two data-parallel ranks share the base and GRPO-start cache files: one writer per
+    model-parallel rank, no temporary file left behind, and the results written once (by rank 0)."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
     launch(
         REPO_ROOT / "megatron_hybrid" / "cli.py",
@@ -76,6 +81,12 @@ def test_demo_quick_under_torchrun_at_dp2_writes_one_cached_base(tmp_path):
         "demo", "--quick", "--out", str(out), f"cache_dir={cache}", "tensorboard=false",
         timeout=900,
     )  # fmt: skip
-    assert [p.name for p in cache.iterdir()] == [next(cache.glob("base-*-tp1pp1-mp0.pt")).name]
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 3, names  # no temporary file left behind
+    assert [n.split("-")[0] + n[n.index("-tp") :] for n in names if n.endswith(".pt")] == [
+        "base-tp1pp1-mp0.pt",
+        "start-tp1pp1-mp0.pt",
+    ]
+    assert sum(n.startswith("start-") and n.endswith(".json") for n in names) == 1
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert len(runs) == 10 and all(0.0 <= r["final_heldout_accuracy"] <= 1.0 for r in runs)

@@ -35,6 +35,10 @@ TINY = [
     "grpo.grpo.prompts_per_step=4",
     "grpo.grpo.group_size=2",
     "grpo.grpo.micro_batch_size=8",
+    "grpo.start.max_steps=4",
+    "grpo.start.warmup_steps=1",
+    "grpo.start.check_interval=2",
+    "grpo.start.check_size=10",
     "score.probe.steps=2",
     "tensorboard=false",
 ]

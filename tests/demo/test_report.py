@@ -134,3 +134,28 @@ def test_report_says_which_seeds_share_hybrids_run(tmp_path):
         "hybrid - hybrid-gradnorm: +0.167 +- 0.167 (n=3). Same modules, seed and settings as hybrid for seed(s) 0, 1:"
         in md
     )
+
+
+def test_report_says_where_the_grpo_runs_start_and_scores_at_the_start(tmp_path):
+    data = {
+        "config": {"score": {"method": "residual"}},
+        "total_wall_time_s": 1.0,
+        "starts": {
+            "grpo": {"target_accuracy": 0.3, "steps": 260, "accuracy": 0.51, "check_size": 100}
+        },
+        "plans": {
+            "sft": {"scores": {"a": {"params": 1, "residual": 2.0}}},
+            "grpo": {"scores": {"b": {"params": 1, "residual": 3.0}}},
+        },
+        "runs": RUNS + [_run("fft", 0, 0.2, "grpo"), _run("lora", 0, 0.1, "grpo")],
+    }
+    write_report(data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    sft, grpo = md.split("## Stage: grpo")
+    assert "fine-tuned" not in sft.split("Top modules")[0]
+    assert (
+        "Every run starts from the base fine-tuned (all weights) on this stage's training split "
+        "for 260 steps: greedy accuracy 0.510 on 100 validation prompts (target 0.3)."
+    ) in grpo
+    assert "Top modules by residual at the base (sft data): a (2)" in md
+    assert "Top modules by residual at the start (grpo data): b (3)" in md

@@ -114,3 +114,13 @@ def test_a_row_without_the_answer_field_fails_before_training(data):
     assert proc.returncode == 2
     assert "row 2" in proc.stderr and "'a'" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_the_benchmarks_grpo_start_is_refused_on_custom_data(data):
+    """grpo.start trains on the embedded task; a job on the user's data names the key instead."""
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.rl.job import PostTrainConfig
+
+    assert not load_config(PostTrainConfig, None, ["data.path=x.jsonl"]).grpo.start.enabled
+    with pytest.raises(ValueError, match=r"grpo.start.target_accuracy .*init_checkpoint"):
+        load_config(PostTrainConfig, None, ["data.path=x.jsonl", "grpo.start.target_accuracy=0.3"])

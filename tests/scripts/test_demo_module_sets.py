@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 
@@ -97,44 +96,29 @@ def test_smoke_run_on_validation_writes_per_seed_accuracies(tmp_path):
     assert "| pair |" in proc.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        (["--start-accuracy", "0.3"], "--start-accuracy needs --stage grpo"),
-        (["--stage", "grpo", "--start-accuracy", "1.5"], r"must be in \(0, 1\], got 1.5"),
-        (["--stage", "grpo", "--start-accuracy", "0"], r"must be in \(0, 1\], got 0.0"),
-    ],
-)
-def test_bad_start_accuracy_is_refused_before_any_work(tmp_path, capsys, args, match):
-    out = tmp_path / "sets"
-    with pytest.raises(SystemExit) as exc:
-        _script().main(["--seeds", "0", "--set", "lora=lora", "--out", str(out), *args])
-    assert exc.value.code == 2
-    assert re.search(match, capsys.readouterr().err)
-    assert not out.exists()
-
-
 # One-digit addition for both stages (100 problems, 20 + 20 held out): the quick base learns it
-# within a few dozen steps, so --start-accuracy has something to reach.
+# within a few dozen steps, so grpo.start has something to reach.
 _ONE_DIGIT = [
     "sft.task.op=+", "sft.task.symbol=+", "sft.task.max_digits=1",
     "sft.test_size=20", "sft.val_size=20", "sft.eval_subset=20",
-    "grpo.task.min_digits=1", "grpo.task.max_digits=1",
+    "grpo.task.op=+", "grpo.task.symbol=+", "grpo.task.min_digits=1", "grpo.task.max_digits=1",
     "grpo.test_size=20", "grpo.val_size=20", "grpo.eval_subset=20",
 ]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("target", "sft_steps"), [(0.2, 400), (1.0, 30)])
-def test_grpo_from_a_half_trained_start(tmp_path, target, sft_steps):
-    """--start-accuracy: SFT from the base until the target (checked every 20 steps and at the end
-    of the schedule), then every run starts there; an unreachable target trains the whole schedule."""
+@pytest.mark.parametrize(("target", "max_steps"), [(0.2, 400), (1.0, 30)])
+def test_grpo_from_a_half_trained_start(tmp_path, target, max_steps):
+    """grpo.start: fine-tune from the base until the target (checked every 20 steps and at the end
+    of the schedule), then every run starts there; an unreachable target trains the whole
+    schedule; a second run loads the same start from the cache."""
     out = tmp_path / "sets"
     cmd = [
         sys.executable, str(SCRIPT), "--quick", "--stage", "grpo", "--seeds", "0",
-        "--start-accuracy", str(target), "--set", "lora=lora", "--out", str(out),
+        "--set", "lora=lora", "--out", str(out),
         f"cache_dir={tmp_path / 'cache'}", "tensorboard=false", "workers=1",
-        f"sft.steps={sft_steps}", *_ONE_DIGIT,
+        f"grpo.start.target_accuracy={target}", f"grpo.start.max_steps={max_steps}",
+        "grpo.start.check_interval=20", *_ONE_DIGIT,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=child_env(2), capture_output=True, text=True, timeout=900
@@ -142,14 +126,22 @@ def test_grpo_from_a_half_trained_start(tmp_path, target, sft_steps):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((out / "module_sets.json").read_text())
     start = data["start"]
-    assert start["target_accuracy"] == target
-    assert (out / "start-base-mp0.pt").is_file()
+    assert start["target_accuracy"] == target and start["check_size"] == 20
+    assert len(list((tmp_path / "cache").glob("start-*-tp1pp1-mp0.pt"))) == 1
     lora = data["sets"]["lora"]["accuracy"]["0"]
     if target < 1.0:
         # stopped at the first check that reached the target, well before the schedule's end
-        assert start["accuracy"] >= target and start["sft_steps"] % 20 == 0
-        assert start["sft_steps"] < sft_steps
-        assert lora > 0.05  # the runs start from the SFT'd weights
+        assert start["accuracy"] >= target and start["steps"] % 20 == 0
+        assert start["steps"] < max_steps
+        assert lora > 0.05  # the runs start from the fine-tuned weights
     else:
-        assert start["sft_steps"] == sft_steps or start["accuracy"] == 1.0
-    assert f"start: the base after {start['sft_steps']} SFT steps" in proc.stdout
+        assert start["steps"] == max_steps or start["accuracy"] == 1.0
+    assert f"start: the base after {start['steps']} steps" in proc.stdout
+    again = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=child_env(2), capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "[grpo] start: loaded from cache" in again.stdout
+    data2 = json.loads((out / "module_sets.json").read_text())
+    assert data2["start"] == start
+    assert data2["sets"]["lora"]["accuracy"] == data["sets"]["lora"]["accuracy"]
