@@ -368,7 +368,17 @@ class Demo:
         if self.base_state is None:
             raise RuntimeError("prepare_start needs the base: call warm_up() first")
         task = cfg.grpo.task
-        key = _digest(self._base_key(), start, task, cfg.grpo.test_size, cfg.grpo.val_size)
+        # everything that decides the start: the base, the schedule and data, and what the stop
+        # check measures (greedy answers up to max_new_tokens, graded by the stage's reward kind)
+        key = _digest(
+            self._base_key(),
+            start,
+            task,
+            cfg.grpo.test_size,
+            cfg.grpo.val_size,
+            cfg.grpo.grpo.sampling.max_new_tokens,
+            cfg.grpo.grpo.reward == "math",
+        )
         path = self._cache_path("start", key)
         meta_path = path.with_name(f"start-{key}.json")
         if _on_every_rank(path.is_file() and meta_path.is_file()):
