@@ -243,7 +243,7 @@ class Demo:
     def fresh_model(self, stage: str | None = None) -> list[torch.nn.Module]:
         """The model chunks with ``stage``'s start weights (:meth:`prepare_start`), else the base's."""
         chunks = build_model(self.cfg.model, self.cfg.parallel)
-        state = self.start_states.get(stage, self.base_state) if stage else self.base_state
+        state = self.start_states.get(stage, self.base_state)
         if state is not None:
             for i, c in enumerate(chunks):
                 missing = c.load_state_dict(state[i], strict=False)
@@ -307,24 +307,25 @@ class Demo:
         opt = build_optimizer(ddp, optim)
         draw = self._sampled_batches(cfg.warmup.task, cfg.warmup.batch_size, cfg.warmup.seed)
         t0 = time.perf_counter()
-        for step in range(cfg.warmup.steps):
-            set_learning_rate(opt, optim, step, cfg.warmup.steps)
-            lm_forward_backward(ddp, draw())
-            ok, _, _ = opt.step()
-            if not ok:
-                raise RuntimeError(f"warm-up step {step}: non-finite gradients")
+        for _ in self._lm_steps(ddp, opt, optim, draw, cfg.warmup.steps, "warm-up"):
+            pass
         acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
         self.say(
             f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
         )
-        self.set_base(ddp, path)
-
-    def set_base(self, ddp: list[torch.nn.Module], path: Path) -> None:
-        """Make the weights of the trained ``ddp`` chunks the base of every later run, and write
-        this model-parallel rank's share to ``path`` (:meth:`_save_weights`); worker processes
-        load the base from ``path``."""
         self.base_state = self._save_weights(ddp, path)
-        self.base_path = path
+
+    def _lm_steps(self, ddp, opt, optim: OptimConfig, draw, total: int, what: str):
+        """Supervised steps 1..``total`` on ``draw()`` batches with ``optim``'s schedule; yields
+        ``(step, loss, grad_norm)`` after each optimizer step (stop early by breaking out).
+        RuntimeError naming ``what`` and the step on non-finite gradients."""
+        for step in range(1, total + 1):
+            set_learning_rate(opt, optim, step - 1, total)
+            loss = lm_forward_backward(ddp, draw())
+            ok, grad_norm, _ = opt.step()
+            if not ok:
+                raise RuntimeError(f"{what} step {step}: non-finite gradients")
+            yield step, loss, grad_norm
 
     def _save_weights(self, ddp: list[torch.nn.Module], path: Path) -> list[dict]:
         """A copy of the ``ddp`` chunks' weights, written to ``path`` atomically by one writer per
@@ -402,13 +403,7 @@ class Demo:
         draw = self.sft_batches(problems.train, start.batch_size, seed=start.seed)
         t0 = time.perf_counter()
         step, acc = 0, 0.0
-        while step < start.max_steps:
-            set_learning_rate(opt, optim, step, start.max_steps)
-            lm_forward_backward(ddp, draw())
-            ok, _, _ = opt.step()
-            step += 1
-            if not ok:
-                raise RuntimeError(f"grpo.start: step {step}: non-finite gradients")
+        for step, _, _ in self._lm_steps(ddp, opt, optim, draw, start.max_steps, "grpo.start"):
             if step % start.check_interval == 0 or step == start.max_steps:
                 acc = self.accuracy(ddp, check)
                 if acc >= start.target_accuracy:
@@ -522,12 +517,9 @@ class Demo:
             tag = f"{stage}/{mode}/seed{seed}"
             if stage == "sft":
                 draw = self.sft_batches(problems.train, cfg.sft.batch_size, seed=10_000 + seed)
-                for step in range(1, cfg.sft.steps + 1):
-                    set_learning_rate(opt, optim, step - 1, cfg.sft.steps)
-                    loss = lm_forward_backward(ddp, draw())
-                    ok, grad_norm, _ = opt.step()
-                    if not ok:
-                        raise RuntimeError(f"{tag} step {step}: non-finite gradients")
+                for step, loss, grad_norm in self._lm_steps(
+                    ddp, opt, optim, draw, cfg.sft.steps, tag
+                ):
                     self._scalar(f"{tag}/grad_norm", grad_norm, step)
                     if loss is not None:
                         loss_curve.append([step, loss])
