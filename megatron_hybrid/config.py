@@ -10,12 +10,20 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "load_config", "parse_overrides", "to_dict"]
+__all__ = [
+    "check_int",
+    "check_number",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -54,6 +62,24 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
+
+
+def check_int(key: str, value: object, *, minimum: int = 1, optional: bool = False) -> None:
+    """ValueError naming ``key`` unless ``value`` is an int >= ``minimum`` (None too when
+    ``optional``). Booleans are refused: YAML reads ``yes`` / ``true`` as True, which Python would
+    otherwise count as 1."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_number(key: str, value: object, ok: Callable[[float], bool], what: str) -> None:
+    """ValueError naming ``key`` unless ``value`` is an int or float (not a bool, not NaN) for
+    which ``ok`` holds; ``what`` says the condition in the message (``"> 0"``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise ValueError(f"{key} must be a number {what}, got {value!r}")
 
 
 def check_known_keys(cls: type, data: dict, path: str = "") -> None:

@@ -174,7 +174,7 @@ def test_unknown_lora_key_names_its_section_and_the_valid_keys():
         (["peft.lora.rank=0"], r"lora\.rank must be a positive integer"),
         (["parallel.sequence_parallel=true"], r"sequence_parallel needs tensor_model_parallel"),
         (["task.op=/"], r"task\.op must be one of"),
-        (["optim.lr=-1.0"], r"optim\.lr must be > 0"),
+        (["optim.lr=-1.0"], r"optim\.lr must be a number > 0"),
     ],
 )
 def test_invalid_values_are_reported_by_the_section_validators(overrides, match):

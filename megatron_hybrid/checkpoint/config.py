@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_hybrid.config import check_int
+
 __all__ = ["CheckpointConfig"]
 
 
@@ -36,14 +38,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         interval = self.save_interval
-        if interval is not None and (type(interval) is not int or interval < 1):
-            raise ValueError(
-                f"checkpoint.save_interval must be a positive integer, got {interval!r}"
-            )
-        if type(self.keep_last) is not int or self.keep_last < 1:
-            raise ValueError(
-                f"checkpoint.keep_last must be a positive integer, got {self.keep_last!r}"
-            )
+        check_int("checkpoint.save_interval", interval, optional=True)
+        check_int("checkpoint.keep_last", self.keep_last)
         if self.resume and self.save_dir is None and self.load_dir is None:
             raise ValueError("checkpoint.resume needs checkpoint.save_dir or checkpoint.load_dir")
         if interval is not None and self.save_dir is None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from megatron_hybrid.config import check_int, check_number
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
@@ -39,6 +39,10 @@ class ModeOptim:
     lr: float
     lora_lr_mult: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_number("lr", self.lr, lambda v: v > 0, "> 0")
+        check_number("lora_lr_mult", self.lora_lr_mult, lambda v: v > 0, "> 0")
+
 
 def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dict[str, ModeOptim]:
     """YAML/CLI mode overrides on top of the defaults (a partial entry keeps the other fields)."""
@@ -55,11 +59,10 @@ def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dic
             raise ValueError(f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult")
         try:
             out[mode] = ModeOptim(**(asdict(defaults[mode]) | value))
+        except ValueError as e:
+            raise ValueError(f"{where}.modes.{mode}.{e}") from None
         except TypeError as e:
             raise ValueError(f"{where}.modes.{mode}: {e}") from None
-    for mode, m in out.items():
-        if not m.lr > 0 or not m.lora_lr_mult > 0:
-            raise ValueError(f"{where}.modes.{mode}: lr and lora_lr_mult must be > 0")
     return out
 
 
@@ -85,6 +88,12 @@ class WarmupConfig:
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps)
+        check_int("batch_size", self.batch_size)
+        check_number("lr", self.lr, lambda v: v > 0, "> 0")
+        check_int("seed", self.seed, minimum=0)
 
 
 def _digitwise_difference() -> ArithTask:
@@ -114,14 +123,10 @@ class StageConfig:
     """AdamW's second-moment decay in every mode (Megatron's ``adam_beta2``)."""
 
     def __post_init__(self) -> None:
-        _check_number("clip_grad", self.clip_grad, lambda v: v >= 0, ">= 0")
-        _check_number("adam_beta2", self.adam_beta2, lambda v: 0 < v < 1, "in (0, 1)")
-
-
-def _check_number(key: str, value: object, ok: Callable[[float], bool], what: str) -> None:
-    """ValueError naming ``key`` unless ``value`` is an int or float (not bool, not NaN) with ``ok``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-        raise ValueError(f"{key} must be a number {what}, got {value!r}")
+        for key in ("test_size", "val_size", "steps", "eval_interval", "eval_subset"):
+            check_int(key, getattr(self, key))
+        check_number("clip_grad", self.clip_grad, lambda v: v >= 0, ">= 0")
+        check_number("adam_beta2", self.adam_beta2, lambda v: 0 < v < 1, "in (0, 1)")
 
 
 @dataclass
@@ -135,6 +140,8 @@ class SFTStageConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("batch_size", self.batch_size)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
         self.modes = _merge_modes(self.modes, _default_mode_optim(), "sft")
 
 
@@ -163,12 +170,10 @@ class StartConfig:
     """Order of the training batches."""
 
     def __post_init__(self) -> None:
-        _check_number("target_accuracy", self.target_accuracy, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_number("lr", self.lr, lambda v: v > 0, "> 0")
-        for key in ("max_steps", "batch_size", "check_interval", "check_size"):
-            value = getattr(self, key)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        check_number("target_accuracy", self.target_accuracy, lambda v: 0 <= v <= 1, "in [0, 1]")
+        check_number("lr", self.lr, lambda v: v > 0, "> 0")
+        for key in ("max_steps", "batch_size", "check_interval", "check_size", "seed"):
+            check_int(key, getattr(self, key), minimum=0 if key == "seed" else 1)
         if type(self.warmup_steps) is not int or not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(
                 f"warmup_steps must be an integer in [0, max_steps), got {self.warmup_steps!r}"
@@ -256,15 +261,29 @@ class DemoConfig:
     8; 1 on CUDA or under torchrun). See :mod:`megatron_hybrid.demo.pool`."""
 
     def __post_init__(self) -> None:
-        if type(self.workers) is not int or self.workers < 0:
-            raise ValueError(
-                f"demo.workers must be an integer >= 0 (0 = automatic), got {self.workers!r}"
-            )
+        check_int("workers", self.workers, minimum=0)  # 0 = automatic
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"demo.modes has unknown modes {unknown}; valid: {', '.join(MODES)}")
-        if not self.seeds:
-            raise ValueError("demo.seeds must not be empty")
+        if not isinstance(self.seeds, list) or not self.seeds:
+            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for i, seed in enumerate(self.seeds):
+            check_int(f"seeds[{i}]", seed, minimum=0)
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds must be distinct (paired comparisons); repeated: {repeated}")
+        check_int("seq_length", self.seq_length)
+        if self.seq_length > self.model.max_sequence_length:
+            raise ValueError(
+                f"seq_length ({self.seq_length}) exceeds model.max_sequence_length "
+                f"({self.model.max_sequence_length})"
+            )
+        for key in ("out", "cache_dir"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) and value) and not (
+                key == "cache_dir" and value is None
+            ):
+                raise ValueError(f"{key} must be a non-empty path string, got {value!r}")
 
 
 def quick_overrides() -> list[str]:

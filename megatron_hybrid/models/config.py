@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_hybrid.config import check_int
+
 __all__ = ["ModelConfig"]
 
 
@@ -56,11 +58,6 @@ class ModelConfig:
     """``full`` or ``selective`` activation recompute; None disables it."""
 
     def __post_init__(self) -> None:
-        def positive(key: str) -> None:
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
-
         for key in (
             "num_layers",
             "hidden_size",
@@ -69,7 +66,7 @@ class ModelConfig:
             "vocab_size",
             "max_sequence_length",
         ):
-            positive(key)
+            check_int(f"model.{key}", getattr(self, key))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
@@ -77,7 +74,7 @@ class ModelConfig:
             )
         groups = self.num_query_groups
         if groups is not None:
-            positive("num_query_groups")
+            check_int("model.num_query_groups", groups)
             if self.num_attention_heads % groups:
                 raise ValueError(
                     f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "

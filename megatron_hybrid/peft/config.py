@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from megatron_hybrid.config import check_int
+
 __all__ = ["A_INITS", "B_INITS", "DROPOUT_POSITIONS", "LoRAConfig"]
 
 A_INITS = ("kaiming", "gaussian", "xavier", "zero")
@@ -43,8 +45,7 @@ class LoRAConfig:
     """Std of the ``gaussian`` inits; None means 1/r."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        check_int("lora.rank", self.rank)
         if not _is_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:

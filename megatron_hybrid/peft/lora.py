@@ -61,6 +61,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.peft.config import LoRAConfig
 
 try:  # Transformer Engine is optional; a broken install raises RuntimeError.
@@ -281,8 +282,7 @@ class LoRAParallelLinear(torch.nn.Module):
 
 def validate_rank(name: str, rank: int, in_features: int, out_features: int) -> None:
     """Raise ``ValueError`` naming ``name`` when ``rank`` is not usable for an ``out x in`` weight."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{name}: LoRA rank must be a positive integer, got {rank!r}")
+    check_int(f"{name}: LoRA rank", rank)
     limit = min(in_features, out_features)
     if rank > limit:
         raise ValueError(

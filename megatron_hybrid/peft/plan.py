@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.naming import CANDIDATE_KINDS, module_kind
 
@@ -141,10 +142,7 @@ class PeftSpec:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"peft.{key} must be a list of strings, got {value!r}")
         for pattern, rank in self.rank_overrides.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(
-                    f"peft.rank_overrides[{pattern!r}] must be a positive integer, got {rank!r}"
-                )
+            check_int(f"peft.rank_overrides[{pattern!r}]", rank)
 
     def resolve(self, names: Sequence[str]) -> HybridPlan:
         """Resolve against the model's global module names; every pattern must match something."""

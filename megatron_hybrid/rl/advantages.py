@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_hybrid.config import check_int
+
 __all__ = ["dynamic_sampling_mask", "group_advantages"]
 
 
 def _as_groups(rewards: Tensor, group_size: int) -> Tensor:
     """``[G, n]`` view of ``rewards``, in at least float32."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    check_int("group_size", group_size)
     if rewards.dim() == 2:
         if rewards.shape[1] != group_size:
             raise ValueError(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.train.step import run_schedule
 
 __all__ = ["Rollout", "SamplingConfig", "generate", "sequence_logprobs"]
@@ -42,10 +43,7 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
-                f"sampling.max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
-            )
+        check_int("sampling.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.rl.advantages import dynamic_sampling_mask, group_advantages
 from megatron_hybrid.rl.generation import (
     Rollout,
@@ -72,9 +73,7 @@ class GRPOConfig:
                 loss["max_response_length"] = self.sampling.max_new_tokens
             self.loss = PolicyLossConfig(**loss)
         for key in ("prompts_per_step", "group_size", "micro_batch_size", "updates_per_rollout"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"grpo.{key} must be a positive integer, got {v!r}")
+            check_int(f"grpo.{key}", getattr(self, key))
         get_reward_function(self.reward)
 
     @classmethod

@@ -46,6 +46,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from megatron_hybrid.config import check_int
+
 __all__ = [
     "NORMALIZATIONS",
     "POLICY_LOSSES",
@@ -182,10 +184,7 @@ class PolicyLossConfig:
                 f"{self.normalization!r} (leave it unset)"
             )
         mrl = self.max_response_length
-        if mrl is not None and (isinstance(mrl, bool) or not isinstance(mrl, int) or mrl < 1):
-            raise ValueError(
-                f"policy_loss.max_response_length must be a positive integer, got {mrl!r}"
-            )
+        check_int("policy_loss.max_response_length", mrl, optional=True)
         if self.normalization == "constant" and mrl is None:
             raise ValueError(
                 "policy_loss.normalization='constant' (Dr.GRPO) needs max_response_length"

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.runtime.cpu_compat import apply_cpu_compat_patches
 
 __all__ = [
@@ -65,20 +66,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{key} must be an integer >= 1, got {value!r}")
-        dp = self.data_parallel_size
-        if dp is not None and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1):
-            raise ValueError(
-                f"parallel.data_parallel_size must be an integer >= 1 or null, got {dp!r}"
-            )
+            check_int(f"parallel.{key}", getattr(self, key))
+        check_int("parallel.data_parallel_size", self.data_parallel_size, optional=True)
         vpp = self.virtual_pipeline_model_parallel_size
+        check_int("parallel.virtual_pipeline_model_parallel_size", vpp, optional=True)
         if vpp is not None:
-            if not isinstance(vpp, int) or vpp < 1:
-                raise ValueError(
-                    f"parallel.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vpp!r}"
-                )
             if self.pipeline_model_parallel_size < 2 and vpp > 1:
                 raise ValueError(
                     "parallel.virtual_pipeline_model_parallel_size > 1 needs "

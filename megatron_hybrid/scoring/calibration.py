@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.peft.naming import ModuleRef
 from megatron_hybrid.train.step import Batch, run_schedule
 
@@ -157,16 +158,10 @@ class ProbeConfig:
     Smaller groups bound the probe's memory to (2 moments + master + base copy) x group params."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"score.probe.steps must be a positive integer, got {self.steps!r}")
+        check_int("score.probe.steps", self.steps)
         if not self.lr > 0:
             raise ValueError(f"score.probe.lr must be > 0, got {self.lr!r}")
-        if self.group_size is not None and (
-            not isinstance(self.group_size, int) or self.group_size < 1
-        ):
-            raise ValueError(
-                f"score.probe.group_size must be a positive integer or null, got {self.group_size!r}"
-            )
+        check_int("score.probe.group_size", self.group_size, optional=True)
         betas = self.betas
         pair = isinstance(betas, (list, tuple)) and len(betas) == 2
         if not pair or not all(_in_unit(b) for b in betas):

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.peft.lora import parallel_mode_of
 from megatron_hybrid.peft.naming import CANDIDATE_KINDS, ModuleRef, module_kind, walk_modules
 from megatron_hybrid.scoring.calibration import (
@@ -88,12 +89,8 @@ class ScoreConfig:
             raise ValueError(
                 f"score.solver must be 'auto', 'exact' or 'randomized', got {self.solver!r}"
             )
-        if not isinstance(self.num_batches, int) or self.num_batches < 1:
-            raise ValueError(
-                f"score.num_batches (K) must be an integer >= 1, got {self.num_batches!r}"
-            )
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"score.rank must be a positive integer or null, got {self.rank!r}")
+        check_int("score.num_batches", self.num_batches)
+        check_int("score.rank", self.rank, optional=True)
         if self.objective not in ("nll", "policy_gradient"):
             raise ValueError(
                 f"score.objective must be 'nll' or 'policy_gradient', got {self.objective!r}"

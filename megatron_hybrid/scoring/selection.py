@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from megatron_hybrid.config import check_int
 from megatron_hybrid.peft.plan import match_pattern
 
 __all__ = ["Candidate", "SelectionConfig", "select_fft_modules"]
@@ -61,12 +62,7 @@ class SelectionConfig:
             raise ValueError(
                 f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}"
             )
-        if self.max_per_layer is not None and (
-            not isinstance(self.max_per_layer, int) or self.max_per_layer < 1
-        ):
-            raise ValueError(
-                f"select.max_per_layer must be a positive integer or null, got {self.max_per_layer!r}"
-            )
+        check_int("select.max_per_layer", self.max_per_layer, optional=True)
         for key in ("always_fft", "never_fft"):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):

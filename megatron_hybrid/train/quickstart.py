@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_hybrid.checkpoint.config import CheckpointConfig
 from megatron_hybrid.checkpoint.run import RunCheckpointer
+from megatron_hybrid.config import check_int
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
@@ -57,10 +58,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(
-                    f"run.{key} must be a positive integer, got {getattr(self, key)!r}"
-                )
+            check_int(f"run.{key}", getattr(self, key))
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"run.global_batch_size ({self.global_batch_size}) must be a multiple of "

@@ -23,6 +23,8 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_hybrid.config import check_int, check_number
+
 __all__ = [
     "Batch",
     "OptimConfig",
@@ -61,18 +63,11 @@ class OptimConfig:
     """Floor of the cosine decay, as a fraction of the peak rate."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad!r}")
-        if not self.lora_lr_mult > 0:
-            raise ValueError(f"optim.lora_lr_mult must be > 0, got {self.lora_lr_mult!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(
-                f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"
-            )
+        check_number("optim.lr", self.lr, lambda v: v > 0, "> 0")
+        check_number("optim.weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        check_number("optim.clip_grad", self.clip_grad, lambda v: v >= 0, ">= 0")
+        check_number("optim.lora_lr_mult", self.lora_lr_mult, lambda v: v > 0, "> 0")
+        check_int("optim.warmup_steps", self.warmup_steps, minimum=0)
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {self.decay!r}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -75,8 +75,8 @@ def test_grpo_start_defaults_and_overrides():
         ),
         ("target_accuracy=-0.1", r"target_accuracy must be a number in \[0, 1\]"),
         ("lr=0", r"grpo.start: lr must be a number > 0, got 0"),
-        ("max_steps=0", r"grpo.start: max_steps must be an integer >= 1, got 0"),
-        ("check_interval=2.5", r"grpo.start: check_interval must be an integer >= 1, got 2.5"),
+        ("max_steps=0", r"grpo.start: max_steps must be a positive integer, got 0"),
+        ("check_interval=2.5", r"grpo.start: check_interval must be a positive integer, got 2.5"),
         ("warmup_steps=600", r"grpo.start: warmup_steps must be an integer in \[0, max_steps\)"),
         ("steps=3", r"unknown config key 'grpo.start.steps'"),
     ],
@@ -84,3 +84,50 @@ def test_grpo_start_defaults_and_overrides():
 def test_bad_grpo_start_names_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(DemoConfig, None, [f"grpo.start.{override}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        # Caught when the config is read, not minutes later in the runs (a zero eval interval
+        # used to divide by zero after the warm-up; YAML's ``true`` used to count as 1).
+        ("sft.eval_interval=0", r"sft: eval_interval must be a positive integer, got 0"),
+        ("grpo.steps=2.5", r"grpo: steps must be a positive integer, got 2.5"),
+        ("sft.steps=true", r"sft: steps must be a positive integer, got True"),
+        ("sft.test_size=0", r"sft: test_size must be a positive integer"),
+        ("grpo.eval_subset=-1", r"grpo: eval_subset must be a positive integer"),
+        ("sft.batch_size=0", r"sft: batch_size must be a positive integer"),
+        ("sft.warmup_steps=-1", r"sft: warmup_steps must be an integer >= 0, got -1"),
+        ("warmup.steps=0", r"warmup: steps must be a positive integer"),
+        ("warmup.lr=-1", r"warmup: lr must be a number > 0, got -1"),
+        ("sft.modes.lora.lr=abc", r"sft.modes.lora.lr must be a number > 0, got 'abc'"),
+        (
+            "grpo.modes.hybrid.lora_lr_mult=0",
+            r"grpo.modes.hybrid.lora_lr_mult must be a number > 0",
+        ),
+        ("model.num_layers=true", r"model.num_layers must be a positive integer, got True"),
+        ("grpo.grpo.group_size=yes", r"grpo.group_size must be a positive integer, got True"),
+        ("seeds=[0,a]", r"seeds\[1\] must be an integer >= 0, got 'a'"),
+        ("seeds=[0,1,1]", r"seeds must be distinct \(paired comparisons\); repeated: \[1\]"),
+        ("seeds=[]", r"seeds must be a non-empty list of integers"),
+        ("seq_length=32", r"seq_length \(32\) exceeds model.max_sequence_length \(16\)"),
+        ("workers=-1", r"workers must be an integer >= 0, got -1"),
+        ("cache_dir=3", r"cache_dir must be a non-empty path string, got 3"),
+    ],
+)
+def test_bad_demo_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(DemoConfig, None, [override])
+
+
+def test_check_int_refuses_bools_and_allows_null_when_optional():
+    from megatron_hybrid.config import check_int
+
+    check_int("k", 3)
+    check_int("k", None, optional=True)
+    check_int("k", 0, minimum=0)
+    for bad in (True, 0, 2.0, "3", None):
+        with pytest.raises(ValueError, match=r"^k must be a positive integer, got "):
+            check_int("k", bad)
+    with pytest.raises(ValueError, match=r"^k must be a positive integer or null, got False"):
+        check_int("k", False, optional=True)

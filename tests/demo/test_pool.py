@@ -96,7 +96,7 @@ def test_workers_under_torchrun_are_refused_with_the_reason(monkeypatch):
 
 
 def test_config_rejects_negative_workers():
-    with pytest.raises(ValueError, match="demo.workers must be an integer >= 0"):
+    with pytest.raises(ValueError, match="workers must be an integer >= 0, got -1"):
         DemoConfig(workers=-1)
 
 
