@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from megatron_hybrid.config import check_int
 from megatron_hybrid.train.step import run_schedule
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "sequence_logprobs"]
+__all__ = ["Rollout", "SamplingConfig", "generate", "sequence_logprobs", "token_nll"]
 
 
 @dataclass
@@ -37,6 +39,12 @@ class SamplingConfig:
     """Nucleus sampling mass in (0, 1]."""
     max_new_tokens: int = 8
     """Longest completion."""
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature log-probabilities are taken at: the sampling one (the ratio and the KL
+        must be those of the policy that was sampled), 1 for greedy decoding."""
+        return self.temperature if self.temperature > 0 else 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -180,11 +188,34 @@ def generate(
     return Rollout(tokens=tokens[:, :width].clone(), prompt_lengths=prompt_len, lengths=lengths)
 
 
-def _logprob_step(data_iterator, model):
+def token_nll(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token ``-log softmax(logits / temperature)[label]``, ``[b, s]`` (on the last pipeline
+    stage; the hidden states elsewhere).
+
+    At temperature 1 this is the model's own (vocabulary-parallel) loss. At another temperature
+    the logits are scaled first, since sampling drew from ``softmax(logits / T)``: TRL and verl
+    do the same. Vocabulary-parallel cross entropy keeps the ``V/tp`` logit shards unreduced.
+    """
+    if temperature == 1.0:
+        return model(tokens, positions, None, labels=labels)
+    out = model(tokens, positions, None)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return out
+    logits = out.float() / temperature  # [b, s, V/tp]
+    return vocab_parallel_cross_entropy(logits, labels)
+
+
+def _logprob_step(temperature: float, data_iterator, model):
     tokens = next(data_iterator)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inp.shape[1], device=inp.device).unsqueeze(0).expand_as(inp)
-    nll = model(inp, positions, None, labels=labels)
+    nll = token_nll(model, inp, positions, labels, temperature)
 
     def keep(output):
         return torch.zeros((), device=output.device), {"logprobs": -output.detach().float()}
@@ -194,9 +225,14 @@ def _logprob_step(data_iterator, model):
 
 @torch.no_grad()
 def sequence_logprobs(
-    chunks: Sequence[torch.nn.Module], tokens: torch.Tensor, *, micro_batch_size: int | None = None
+    chunks: Sequence[torch.nn.Module],
+    tokens: torch.Tensor,
+    *,
+    micro_batch_size: int | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token log-probabilities ``[B, S-1]`` of ``tokens[:, 1:]`` (temperature 1).
+    """Per-token log-probabilities ``[B, S-1]`` of ``tokens[:, 1:]`` under
+    ``softmax(logits / temperature)``.
 
     Returns the tensor on the last pipeline stage and broadcasts it to the other stages, so every
     rank gets it. Vocabulary-parallel cross entropy handles TP without gathering logits.
@@ -208,7 +244,11 @@ def sequence_logprobs(
         tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
     micro = equal_micro_batches(tokens.to(device), micro_batch_size)
     reports = run_schedule(
-        chunks, micro, forward_only=True, forward_step=_logprob_step, seq_length=tokens.shape[1] - 1
+        chunks,
+        micro,
+        forward_only=True,
+        forward_step=partial(_logprob_step, temperature),
+        seq_length=tokens.shape[1] - 1,
     )
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     out = torch.zeros(tokens.shape[0], s - 1)

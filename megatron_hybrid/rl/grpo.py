@@ -27,6 +27,7 @@ from megatron_hybrid.rl.generation import (
     generate,
     padded_width,
     sequence_logprobs,
+    token_nll,
 )
 from megatron_hybrid.rl.losses import (
     PolicyLossConfig,
@@ -55,8 +56,9 @@ class GRPOConfig:
     """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
     reward: str = "exact_int"
     """Reward function name (see ``megatron_hybrid.rl.rewards``)."""
-    scale_advantages: bool = True
-    """Divide by the group's reward std (GRPO); False subtracts the mean only (Dr.GRPO)."""
+    scale_advantages: bool | None = None
+    """Divide by the group's reward std (GRPO, GSPO); False subtracts the mean only (Dr.GRPO).
+    None (the default) derives it from ``loss.loss``: False for ``dr_grpo``, True otherwise."""
     filter_groups: bool = False
     """Dynamic sampling: drop groups whose rewards are all equal (they carry no signal)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -74,33 +76,61 @@ class GRPOConfig:
             self.loss = PolicyLossConfig(**loss)
         for key in ("prompts_per_step", "group_size", "micro_batch_size", "updates_per_rollout"):
             check_int(f"grpo.{key}", getattr(self, key))
+        dr_grpo = self.loss.loss == "dr_grpo"
+        if self.scale_advantages is None:
+            self.scale_advantages = not dr_grpo
+        elif not isinstance(self.scale_advantages, bool):
+            raise ValueError(
+                f"grpo.scale_advantages must be true, false or null, got {self.scale_advantages!r}"
+            )
+        elif dr_grpo and self.scale_advantages:
+            raise ValueError(
+                "grpo.scale_advantages=true contradicts loss.loss=dr_grpo (Dr.GRPO does not divide "
+                "advantages by the group std); leave it unset or use loss.loss=grpo"
+            )
         get_reward_function(self.reward)
 
     @classmethod
     def from_dict(cls, d: dict, base: GRPOConfig | None = None) -> GRPOConfig:
         """Build from a ``grpo:`` mapping; keys it does not name come from ``base`` (default: the
         class defaults). In its ``loss:`` section, naming another ``loss`` re-derives the
-        normalisation unless the section names one too (``loss=dr_grpo`` alone is Dr.GRPO), and a
-        constant normalisation without ``max_response_length`` takes ``sampling.max_new_tokens``.
+        normalisation unless the section names one too (``loss=dr_grpo`` alone is Dr.GRPO), and so
+        does ``scale_advantages`` unless ``d`` names it; a constant normalisation without
+        ``max_response_length`` takes ``sampling.max_new_tokens`` (and follows a new one).
         """
         from megatron_hybrid.config import check_known_keys
         from megatron_hybrid.config import from_dict as build
 
         base = base if base is not None else cls()
-        cfg = build(cls, {k: v for k, v in d.items() if k != "loss"}, base=base)
         loss = d.get("loss")
-        if loss is None or isinstance(loss, PolicyLossConfig):
-            return cfg if loss is None else replace(cfg, loss=loss)
-        if not isinstance(loss, dict):
+        if loss is not None and not isinstance(loss, dict | PolicyLossConfig):
             raise ValueError(f"loss: expected a mapping, got {type(loss).__name__} {loss!r}")
-        check_known_keys(PolicyLossConfig, loss, "loss")
-        merged = asdict(base.loss)
-        if loss.get("loss", base.loss.loss) != base.loss.loss:
-            merged["normalization"] = None  # derived from the old loss: derive it again
-            if default_normalization(base.loss.loss) == "constant":
-                merged["max_response_length"] = None
-        merged.update(loss)
-        return replace(cfg, loss=merged)
+        rest = {k: v for k, v in d.items() if k not in ("loss", "scale_advantages")}
+        # Built first with the base's loss and scale (consistent with each other); the final loss
+        # and scale are set together below, where __post_init__ checks them against each other.
+        cfg = build(cls, rest, base=base)
+        if isinstance(loss, PolicyLossConfig):
+            final: PolicyLossConfig | dict = loss
+        else:
+            named = loss or {}
+            check_known_keys(PolicyLossConfig, named, "loss")
+            final = asdict(base.loss)
+            if named.get("loss", base.loss.loss) != base.loss.loss:
+                final["normalization"] = None  # derived from the old loss: derive it again
+                if default_normalization(base.loss.loss) == "constant":
+                    final["max_response_length"] = None
+            elif (
+                base.loss.normalization == "constant"
+                and "max_response_length" not in named
+                and base.loss.max_response_length == base.sampling.max_new_tokens
+            ):
+                final["max_response_length"] = None  # taken from the sampler: follow it
+            final.update(named)
+        new_loss = final.loss if isinstance(final, PolicyLossConfig) else final["loss"]
+        scale = d.get(
+            "scale_advantages", base.scale_advantages if new_loss == base.loss.loss else None
+        )
+        return replace(cfg, loss=final, scale_advantages=scale)
 
 
 @dataclass
@@ -135,9 +165,9 @@ class StepStats:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _policy_forward_step(loss_cfg: PolicyLossConfig, data_iterator, model):
+def _policy_forward_step(loss_cfg: PolicyLossConfig, temperature: float, data_iterator, model):
     batch: RLBatch = next(data_iterator)
-    nll = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    nll = token_nll(model, batch.tokens, batch.position_ids, batch.labels, temperature)
     loss_fn = get_policy_loss(loss_cfg.loss)
 
     def loss_func(output):
@@ -201,15 +231,24 @@ def policy_update(
     optim: OptimConfig,
     step: int,
     total_steps: int,
+    *,
+    temperature: float = 1.0,
 ) -> tuple[float | None, dict[str, float]]:
     """One optimizer step of the clipped policy loss over this DP rank's micro-batches.
 
-    Returns the loss (normalised by this rank's count; None off the last stage) and mean metrics
-    (only ``grad_norm`` off the last stage: the global gradient norm over all shards, the same on
-    every rank, before ``optim.clip_grad``).
+    ``temperature``: log-probabilities are taken under ``softmax(logits / temperature)``, the
+    sampling distribution (``SamplingConfig.logprob_temperature``).
+
+    Returns the loss (normalised by this rank's count; None off the last stage) and metrics (only
+    ``grad_norm`` off the last stage: the global gradient norm over all shards, the same on every
+    rank, before ``optim.clip_grad``). ``pg_loss`` and ``kl`` are this rank's sums over its
+    micro-batches divided by its normaliser count, like the loss; the other metrics (clip
+    fractions, mean ratio) are averages over the micro-batches weighted by their response tokens.
     """
     zero_grads(ddp_chunks)
-    reports = run_schedule(ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg))
+    reports = run_schedule(
+        ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg, temperature)
+    )
     set_learning_rate(optimizer, optim, step, total_steps)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
@@ -217,11 +256,19 @@ def policy_update(
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, {"grad_norm": float(grad_norm)}
     tot = torch.stack([r["loss"] for r in reports]).sum(0)
-    metrics = {
-        k: float(torch.stack([r[k] for r in reports]).mean()) for k in reports[0] if k != "loss"
-    }
+    count = tot[1].clamp(min=1)
+    tokens = torch.stack([r["num_tokens"] for r in reports])
+    metrics: dict[str, float] = {}
+    for k in reports[0]:
+        values = torch.stack([r[k] for r in reports])
+        if k in ("pg_loss", "kl"):  # sums (the loss runs with normalizer=1)
+            metrics[k] = float(values.sum() / count)
+        elif k in ("num_tokens", "num_sequences"):
+            metrics[k] = float(values.sum())
+        elif k != "loss":
+            metrics[k] = float((values * tokens).sum() / tokens.sum().clamp(min=1))
     metrics["grad_norm"] = float(grad_norm)
-    return float(tot[0] / tot[1].clamp(min=1)), metrics
+    return float(tot[0] / count), metrics
 
 
 def _dp_sum(values: Sequence[float]) -> list[float]:
@@ -271,14 +318,20 @@ def grpo_step(
         else torch.ones(len(prompts), dtype=torch.bool)
     )
     keep = keep_groups.repeat_interleave(group)
-    old = sequence_logprobs(ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size)
+    temperature = cfg.sampling.logprob_temperature
+    old = sequence_logprobs(
+        ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size, temperature=temperature
+    )
     ref = None
     if cfg.loss.kl_coef > 0:
         if reference is None:
             raise ValueError("grpo.loss.kl_coef > 0 needs a reference policy")
         with reference.active():
             ref = sequence_logprobs(
-                ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size
+                ddp_chunks,
+                rollout.tokens,
+                micro_batch_size=cfg.micro_batch_size,
+                temperature=temperature,
             )
     for c in ddp_chunks:
         c.train()
@@ -286,16 +339,34 @@ def grpo_step(
     if bool(keep.any()):
         idx = keep.nonzero().squeeze(1)
         kept = Rollout(rollout.tokens[idx], rollout.prompt_lengths[idx], rollout.lengths[idx])
-        micro = make_micro_batches(
-            kept, old[idx], adv[idx], None if ref is None else ref[idx], cfg.micro_batch_size
-        )
     else:
-        micro = []
+        # Dynamic sampling left this rank nothing, but other DP ranks may have kept groups: take
+        # part in their update with one row whose completion is masked out (it adds 0 to the loss
+        # and to the global token count), instead of skipping the step everywhere.
+        idx = torch.zeros(1, dtype=torch.long)
+        kept = Rollout(rollout.tokens[:1], rollout.prompt_lengths[:1], rollout.prompt_lengths[:1])
+    micro = make_micro_batches(
+        kept,
+        old[idx],
+        torch.where(keep[idx], adv[idx], 0.0),
+        None if ref is None else ref[idx],
+        cfg.micro_batch_size,
+    )
     loss_value, metrics = None, {}
-    # Every DP rank must run the same number of schedule calls (DDP all-reduces inside).
-    if _dp_sum([1.0 if micro else 0.0])[0] == parallel_state.get_data_parallel_world_size():
+    # Every DP rank runs the same number of schedule calls (DDP all-reduces inside); none when no
+    # rank kept a group (an update would have no tokens to normalise by).
+    if _dp_sum([float(keep_groups.sum())])[0] > 0:
         for update in range(cfg.updates_per_rollout):
-            lv, mv = policy_update(ddp_chunks, optimizer, micro, cfg.loss, optim, step, total_steps)
+            lv, mv = policy_update(
+                ddp_chunks,
+                optimizer,
+                micro,
+                cfg.loss,
+                optim,
+                step,
+                total_steps,
+                temperature=temperature,
+            )
             if update == 0:
                 loss_value, metrics = lv, mv
     n = len(texts)

@@ -65,8 +65,10 @@ __all__ = [
 
 NORMALIZATIONS = ("token", "sequence", "constant")
 
-# exp() of a log-ratio beyond this overflows float32 soon after; verl clamps the same way. The clamp
-# only matters for a policy that moved absurdly far, where the clipped terms carry no gradient anyway.
+# exp() of a log-ratio beyond this overflows float32 soon after; verl clamps the same way (at 10).
+# A clamped token has no gradient: for A > 0 the clip removes it anyway, but for A < 0 PPO keeps the
+# unclipped -A r term, whose gradient the clamp drops. That only happens once a token's probability
+# rose e^20-fold since sampling, far outside any trust region the clip is meant to keep.
 _LOG_RATIO_CLAMP = 20.0
 
 

@@ -98,9 +98,20 @@ def _canonical_int(text: str) -> tuple[bool, str]:
     return negative and digits != "0", digits
 
 
+# The first number of a completion, whole: thousands separators, a decimal part, a fraction.
+_FIRST_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+
 def _first_int(completion: str, end_token: str) -> tuple[bool, str] | None:
-    found = _INT.search(completion.split(end_token, 1)[0] if end_token else completion)
-    return _canonical_int(found.group()) if found else None
+    """The first number before ``end_token`` if it is an integer (``1,000`` and ``7.0`` are;
+    ``3.5`` and ``3/4`` are not: None, so they cannot pass for their leading ``3``)."""
+    found = _FIRST_NUMBER.search(completion.split(end_token, 1)[0] if end_token else completion)
+    if found is None or "/" in found.group():
+        return None
+    whole, _, fraction = found.group().replace(",", "").partition(".")
+    if fraction.strip("0"):
+        return None
+    return _canonical_int(whole)
 
 
 def _answer_int(answer: str) -> tuple[bool, str]:
@@ -114,7 +125,9 @@ def _answer_int(answer: str) -> tuple[bool, str]:
 def exact_int(completion: str, answer: str, *, end_token: str = END_TOKEN) -> float:
     """1.0 if the first integer before ``end_token`` equals the integer ``answer``, else 0.0.
 
-    Leading zeros and a ``+`` sign are ignored (``"007"`` equals ``"7"``); no integer scores 0.0.
+    Leading zeros, a ``+`` sign, thousands separators and a zero decimal part are ignored
+    (``"007"``, ``"+7"`` and ``"7.0"`` equal ``"7"``); a first number that is not an integer
+    (``"7.5"``, ``"7/2"``) or no number scores 0.0.
     """
     return 1.0 if _first_int(completion, end_token) == _answer_int(answer) else 0.0
 

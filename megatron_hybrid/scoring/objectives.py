@@ -61,7 +61,12 @@ def policy_gradient_source(
             seed=seed * 7919 + k,
             micro_batch_size=cfg.micro_batch_size,
         )
-        old = sequence_logprobs(chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size)
+        old = sequence_logprobs(
+            chunks,
+            rollout.tokens,
+            micro_batch_size=cfg.micro_batch_size,
+            temperature=cfg.sampling.logprob_temperature,
+        )
         for c, t in zip(chunks, training):
             c.train(t)
         rewards, _ = score_completions(
@@ -71,4 +76,4 @@ def policy_gradient_source(
         cache[k] = make_micro_batches(rollout, old, adv, None, cfg.micro_batch_size)
         return cache[k]
 
-    return batches, partial(_policy_forward_step, cfg.loss)
+    return batches, partial(_policy_forward_step, cfg.loss, cfg.sampling.logprob_temperature)

@@ -32,6 +32,15 @@ def test_reference_generation_is_well_formed(reference):
     assert (ref["logprobs"] <= 0).all()
 
 
+def test_logprobs_equal_a_plain_log_softmax_at_the_sampling_temperature(reference):
+    # The ratio and the KL must be those of the distribution sampled from: softmax(logits / T).
+    _, ref = reference
+    mask = ref["mask"].bool()
+    for got, plain in (("logprobs", "plain"), ("logprobs_t07", "plain_t07")):
+        torch.testing.assert_close(ref[got][mask], ref[plain][mask], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref["logprobs_t07"][mask], ref["logprobs"][mask], atol=1e-3)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_tp1(reference, layout):
     tmp, ref = reference
@@ -42,5 +51,6 @@ def test_layout_matches_tp1(reference, layout):
     assert torch.equal(got["tokens"], ref["tokens"])
     assert torch.equal(got["lengths"], ref["lengths"])
     mask = ref["mask"].bool()
-    torch.testing.assert_close(got["logprobs"][mask], ref["logprobs"][mask], rtol=1e-5, atol=1e-5)
+    for key in ("logprobs", "logprobs_t07"):
+        torch.testing.assert_close(got[key][mask], ref[key][mask], rtol=1e-5, atol=1e-5)
     assert got["sampled_equal"]

@@ -33,6 +33,40 @@ def test_from_dict_over_a_dr_grpo_base_switches_back():
     assert (back.loss.normalization, back.loss.max_response_length) == ("token", None)
 
 
+def test_dr_grpo_does_not_divide_by_the_group_std():
+    # Dr.GRPO (arXiv 2503.20783) drops both the length and the std normalisation.
+    def cfg(*o):
+        return load_config(DemoConfig, None, [f"grpo.grpo.{x}" for x in o]).grpo.grpo
+
+    assert cfg().scale_advantages is True
+    assert cfg("loss.loss=gspo").scale_advantages is True
+    assert cfg("loss.loss=dr_grpo").scale_advantages is False
+    assert cfg("loss.loss=dr_grpo", "scale_advantages=false").scale_advantages is False
+    assert cfg("scale_advantages=false").scale_advantages is False  # plain GRPO without the std
+    with pytest.raises(
+        ValueError, match=r"grpo.scale_advantages=true contradicts loss.loss=dr_grpo"
+    ):
+        cfg("loss.loss=dr_grpo", "scale_advantages=true")
+    with pytest.raises(ValueError, match=r"grpo.scale_advantages must be true, false or null"):
+        cfg("scale_advantages=2")
+
+
+def test_from_dict_rederives_the_scale_and_the_constant_normaliser():
+    dr = GRPOConfig.from_dict({"loss": {"loss": "dr_grpo"}})
+    assert dr.scale_advantages is False
+    back = GRPOConfig.from_dict({"loss": {"loss": "grpo"}}, base=dr)
+    assert back.scale_advantages is True  # the loss changed and d does not name the scale
+    kept = GRPOConfig.from_dict({"group_size": 4}, base=dr)
+    assert (kept.scale_advantages, kept.loss.loss) == (False, "dr_grpo")
+    # A normaliser taken from the sampler follows a new max_new_tokens ...
+    longer = GRPOConfig.from_dict({"sampling": {"max_new_tokens": 32}}, base=dr)
+    assert longer.loss.max_response_length == 32
+    # ... one set explicitly stays.
+    fixed = GRPOConfig.from_dict({"loss": {"loss": "dr_grpo", "max_response_length": 100}})
+    again = GRPOConfig.from_dict({"sampling": {"max_new_tokens": 32}}, base=fixed)
+    assert again.loss.max_response_length == 100
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

@@ -48,6 +48,13 @@ except Exception:  # noqa: BLE001 - same guard as the module's
         ("abc$", "168", 0.0),
         ("", "0", 0.0),
         ("12+3$", "12", 1.0),  # the first integer
+        ("The answer is 42.", "42", 1.0),  # a full stop is not a decimal point
+        ("1,000$", "1000", 1.0),  # thousands separators
+        ("7.0$", "7", 1.0),  # a zero decimal part
+        # A first number that is not an integer does not pass for its integer part.
+        ("3.5$", "3", 0.0),
+        ("3/4$", "3", 0.0),
+        ("3.5$", "4", 0.0),
     ],
 )
 def test_exact_int(completion, answer, expected):

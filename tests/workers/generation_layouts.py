@@ -2,7 +2,8 @@
 
 Loads the full weights written by ``hybrid_model.py --make-reference`` into this layout, applies a
 mixed plan (adapters with nonzero B), generates greedily from fixed prompts, recomputes the
-per-token log-probabilities of the result, and samples at temperature 1 twice with one seed.
+per-token log-probabilities of the result (at temperature 1 and 0.7; at TP=1 also from a plain
+``log_softmax`` of the model's logits), and samples at temperature 1 twice with one seed.
 Rank 0 saves everything to ``--out``.
 """
 
@@ -50,6 +51,15 @@ def main() -> None:
     kw = dict(stop_token=tok.eos_id, vocab_size=tok.vocab_size, micro_batch_size=4)
     greedy = generate(chunks, prompts, SamplingConfig(temperature=0.0, max_new_tokens=6), **kw)
     logprobs = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4)
+    logprobs_t07 = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4, temperature=0.7)
+    plain = {}
+    if args.tp == 1 and args.pp == 1:  # the reference: log_softmax of the full logits
+        inp, labels = greedy.tokens[:, :-1], greedy.tokens[:, 1:]
+        with torch.no_grad():
+            logits = chunks[0](inp, torch.arange(inp.shape[1]).expand_as(inp), None).float()
+        for name, t in (("plain", 1.0), ("plain_t07", 0.7)):
+            lp = torch.log_softmax(logits / t, dim=-1)
+            plain[name] = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     s1 = generate(
         chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw
     )
@@ -68,6 +78,8 @@ def main() -> None:
                 "lengths": greedy.lengths,
                 "prompt_lengths": greedy.prompt_lengths,
                 "logprobs": logprobs,
+                "logprobs_t07": logprobs_t07,
+                **plain,
                 "mask": greedy.completion_mask(),
                 "sampled_equal": torch.equal(s1.tokens, s2.tokens),
             },

@@ -77,7 +77,7 @@ def main() -> None:
         eps_high=0.28,
         max_response_length=WIDTH if args.loss == "dr_grpo" else None,
     )
-    _, metrics = policy_update(ddp, opt, micro, loss_cfg, optim, 0, 1)
+    loss, metrics = policy_update(ddp, opt, micro, loss_cfg, optim, 0, 1)
 
     after = [
         {n: p.detach().clone() for n, p in c.module.named_parameters() if p.requires_grad}
@@ -86,6 +86,11 @@ def main() -> None:
     full = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     if torch.distributed.get_rank() == 0:
         full["grad_norm"] = torch.tensor(metrics["grad_norm"])  # pre-clip, over all shards
+        if loss is not None and dp_size == 1:  # last stage; rank-local values equal the global
+            # No KL term: the policy-gradient part is the whole loss, whatever the micro-batches.
+            assert abs(metrics["pg_loss"] - loss) <= 1e-6 * max(1.0, abs(loss)), (metrics, loss)
+            full["loss"] = torch.tensor(loss, dtype=torch.float64)
+            full["pg_loss"] = torch.tensor(metrics["pg_loss"], dtype=torch.float64)
         torch.save(full, args.out)
     destroy_runtime()
 
