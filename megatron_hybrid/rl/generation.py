@@ -26,7 +26,14 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron_hybrid.config import check_int
 from megatron_hybrid.train.step import run_schedule
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "sequence_logprobs", "token_nll"]
+__all__ = [
+    "LogprobSpec",
+    "Rollout",
+    "SamplingConfig",
+    "generate",
+    "sequence_logprobs",
+    "token_nll",
+]
 
 
 @dataclass
@@ -188,34 +195,59 @@ def generate(
     return Rollout(tokens=tokens[:, :width].clone(), prompt_lengths=prompt_len, lengths=lengths)
 
 
+@dataclass(frozen=True)
+class LogprobSpec:
+    """The distribution log-probabilities are taken under: the one :func:`generate` samples from.
+
+    GRPO's ratio and KL are only right for the policy that produced the rollouts, so the old, new
+    and reference log-probabilities all use ``softmax(logits / temperature)`` over the real
+    vocabulary, as sampling does (TRL and verl scale by the temperature too).
+    """
+
+    temperature: float = 1.0
+    vocab_size: int | None = None
+    """Real vocabulary size; logits of the padding rows beyond it (Megatron pads the vocabulary to
+    a multiple of 128 x TP) are masked, as in sampling. None keeps them (the model's own loss)."""
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig, vocab_size: int | None) -> LogprobSpec:
+        return cls(sampling.logprob_temperature, vocab_size)
+
+
 def token_nll(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 1.0,
+    spec: LogprobSpec = LogprobSpec(),
 ) -> torch.Tensor:
-    """Per-token ``-log softmax(logits / temperature)[label]``, ``[b, s]`` (on the last pipeline
+    """Per-token ``-log p(label)`` under ``spec``'s distribution, ``[b, s]`` (on the last pipeline
     stage; the hidden states elsewhere).
 
-    At temperature 1 this is the model's own (vocabulary-parallel) loss. At another temperature
-    the logits are scaled first, since sampling drew from ``softmax(logits / T)``: TRL and verl
-    do the same. Vocabulary-parallel cross entropy keeps the ``V/tp`` logit shards unreduced.
+    With ``LogprobSpec()`` this is the model's own (vocabulary-parallel) loss. Otherwise the logits
+    are scaled and the padded vocabulary masked first; vocabulary-parallel cross entropy keeps the
+    ``V/tp`` logit shards unreduced either way.
     """
-    if temperature == 1.0:
+    if spec.temperature == 1.0 and spec.vocab_size is None:
         return model(tokens, positions, None, labels=labels)
     out = model(tokens, positions, None)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return out
-    logits = out.float() / temperature  # [b, s, V/tp]
+    logits = out.float() / spec.temperature  # [b, s, V/tp], a new tensor
+    if spec.vocab_size is not None:
+        part = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * part
+        if first + part > spec.vocab_size:  # this shard holds padding rows
+            ids = torch.arange(first, first + part, device=logits.device)
+            logits = logits.masked_fill(ids >= spec.vocab_size, float("-inf"))
     return vocab_parallel_cross_entropy(logits, labels)
 
 
-def _logprob_step(temperature: float, data_iterator, model):
+def _logprob_step(spec: LogprobSpec, data_iterator, model):
     tokens = next(data_iterator)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inp.shape[1], device=inp.device).unsqueeze(0).expand_as(inp)
-    nll = token_nll(model, inp, positions, labels, temperature)
+    nll = token_nll(model, inp, positions, labels, spec)
 
     def keep(output):
         return torch.zeros((), device=output.device), {"logprobs": -output.detach().float()}
@@ -229,10 +261,10 @@ def sequence_logprobs(
     tokens: torch.Tensor,
     *,
     micro_batch_size: int | None = None,
-    temperature: float = 1.0,
+    spec: LogprobSpec = LogprobSpec(),
 ) -> torch.Tensor:
-    """Per-token log-probabilities ``[B, S-1]`` of ``tokens[:, 1:]`` under
-    ``softmax(logits / temperature)``.
+    """Per-token log-probabilities ``[B, S-1]`` of ``tokens[:, 1:]`` under ``spec``'s
+    distribution (default: the model's softmax over its whole, padded vocabulary).
 
     Returns the tensor on the last pipeline stage and broadcasts it to the other stages, so every
     rank gets it. Vocabulary-parallel cross entropy handles TP without gathering logits.
@@ -247,7 +279,7 @@ def sequence_logprobs(
         chunks,
         micro,
         forward_only=True,
-        forward_step=partial(_logprob_step, temperature),
+        forward_step=partial(_logprob_step, spec),
         seq_length=tokens.shape[1] - 1,
     )
     pp_group = parallel_state.get_pipeline_model_parallel_group()

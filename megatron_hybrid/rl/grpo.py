@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron_hybrid.config import check_int
 from megatron_hybrid.rl.advantages import dynamic_sampling_mask, group_advantages
 from megatron_hybrid.rl.generation import (
+    LogprobSpec,
     Rollout,
     SamplingConfig,
     generate,
@@ -165,9 +166,9 @@ class StepStats:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _policy_forward_step(loss_cfg: PolicyLossConfig, temperature: float, data_iterator, model):
+def _policy_forward_step(loss_cfg: PolicyLossConfig, spec: LogprobSpec, data_iterator, model):
     batch: RLBatch = next(data_iterator)
-    nll = token_nll(model, batch.tokens, batch.position_ids, batch.labels, temperature)
+    nll = token_nll(model, batch.tokens, batch.position_ids, batch.labels, spec)
     loss_fn = get_policy_loss(loss_cfg.loss)
 
     def loss_func(output):
@@ -232,12 +233,13 @@ def policy_update(
     step: int,
     total_steps: int,
     *,
-    temperature: float = 1.0,
+    spec: LogprobSpec | None = None,
 ) -> tuple[float | None, dict[str, float]]:
     """One optimizer step of the clipped policy loss over this DP rank's micro-batches.
 
-    ``temperature``: log-probabilities are taken under ``softmax(logits / temperature)``, the
-    sampling distribution (``SamplingConfig.logprob_temperature``).
+    ``spec``: the distribution log-probabilities are taken under; the sampler's
+    (``LogprobSpec.of(sampling, vocab_size)``), like the micro-batches' ``old_logprobs``. None:
+    the model's own softmax (``LogprobSpec()``).
 
     Returns the loss (normalised by this rank's count; None off the last stage) and metrics (only
     ``grad_norm`` off the last stage: the global gradient norm over all shards, the same on every
@@ -247,7 +249,9 @@ def policy_update(
     """
     zero_grads(ddp_chunks)
     reports = run_schedule(
-        ddp_chunks, micro, forward_step=partial(_policy_forward_step, loss_cfg, temperature)
+        ddp_chunks,
+        micro,
+        forward_step=partial(_policy_forward_step, loss_cfg, spec or LogprobSpec()),
     )
     set_learning_rate(optimizer, optim, step, total_steps)
     ok, grad_norm, _ = optimizer.step()
@@ -318,9 +322,9 @@ def grpo_step(
         else torch.ones(len(prompts), dtype=torch.bool)
     )
     keep = keep_groups.repeat_interleave(group)
-    temperature = cfg.sampling.logprob_temperature
+    spec = LogprobSpec.of(cfg.sampling, vocab_size)
     old = sequence_logprobs(
-        ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size, temperature=temperature
+        ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size, spec=spec
     )
     ref = None
     if cfg.loss.kl_coef > 0:
@@ -331,7 +335,7 @@ def grpo_step(
                 ddp_chunks,
                 rollout.tokens,
                 micro_batch_size=cfg.micro_batch_size,
-                temperature=temperature,
+                spec=spec,
             )
     for c in ddp_chunks:
         c.train()
@@ -365,7 +369,7 @@ def grpo_step(
                 optim,
                 step,
                 total_steps,
-                temperature=temperature,
+                spec=spec,
             )
             if update == 0:
                 loss_value, metrics = lv, mv

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from megatron_hybrid.rl.advantages import group_advantages
-from megatron_hybrid.rl.generation import generate, sequence_logprobs
+from megatron_hybrid.rl.generation import LogprobSpec, generate, sequence_logprobs
 from megatron_hybrid.rl.grpo import GRPOConfig, RLBatch, _policy_forward_step, make_micro_batches
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
 
@@ -65,7 +65,7 @@ def policy_gradient_source(
             chunks,
             rollout.tokens,
             micro_batch_size=cfg.micro_batch_size,
-            temperature=cfg.sampling.logprob_temperature,
+            spec=LogprobSpec.of(cfg.sampling, vocab_size),
         )
         for c, t in zip(chunks, training):
             c.train(t)
@@ -76,4 +76,6 @@ def policy_gradient_source(
         cache[k] = make_micro_batches(rollout, old, adv, None, cfg.micro_batch_size)
         return cache[k]
 
-    return batches, partial(_policy_forward_step, cfg.loss, cfg.sampling.logprob_temperature)
+    return batches, partial(
+        _policy_forward_step, cfg.loss, LogprobSpec.of(cfg.sampling, vocab_size)
+    )

@@ -66,7 +66,9 @@ def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monke
     total_tokens = sum(float(b.loss_mask.sum()) for b in micro)
     loss_fn = get_policy_loss(cfg.loss.loss)
     for b in micro:
-        logprobs = -chunks[0](b.tokens, b.position_ids, None, labels=b.labels).float()
+        # The sampler's distribution: softmax over the real vocabulary (padding never sampled).
+        logits = chunks[0](b.tokens, b.position_ids, None).float()[..., : tok.vocab_size]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
         loss, _ = loss_fn(
             logprobs, b.old_logprobs, b.advantages, b.loss_mask, cfg.loss, normalizer=total_tokens
         )

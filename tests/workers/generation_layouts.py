@@ -2,8 +2,9 @@
 
 Loads the full weights written by ``hybrid_model.py --make-reference`` into this layout, applies a
 mixed plan (adapters with nonzero B), generates greedily from fixed prompts, recomputes the
-per-token log-probabilities of the result (at temperature 1 and 0.7; at TP=1 also from a plain
-``log_softmax`` of the model's logits), and samples at temperature 1 twice with one seed.
+per-token log-probabilities of the result (the model's own softmax, and the sampler's at
+temperature 0.7 over the real vocabulary; at TP=1 also from a plain ``log_softmax`` of the
+logits), and samples at temperature 1 twice with one seed.
 Rank 0 saves everything to ``--out``.
 """
 
@@ -19,7 +20,7 @@ from megatron_hybrid.data.arith import ArithTask, CharTokenizer
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan
-from megatron_hybrid.rl.generation import SamplingConfig, generate, sequence_logprobs
+from megatron_hybrid.rl.generation import LogprobSpec, SamplingConfig, generate, sequence_logprobs
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
 from tests.sharding import load_full_state_dict
 from tests.workers.hybrid_model import MODEL_CFG, PLAN
@@ -51,14 +52,16 @@ def main() -> None:
     kw = dict(stop_token=tok.eos_id, vocab_size=tok.vocab_size, micro_batch_size=4)
     greedy = generate(chunks, prompts, SamplingConfig(temperature=0.0, max_new_tokens=6), **kw)
     logprobs = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4)
-    logprobs_t07 = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4, temperature=0.7)
+    sampler = LogprobSpec(temperature=0.7, vocab_size=tok.vocab_size)
+    logprobs_t07 = sequence_logprobs(chunks, greedy.tokens, micro_batch_size=4, spec=sampler)
     plain = {}
     if args.tp == 1 and args.pp == 1:  # the reference: log_softmax of the full logits
         inp, labels = greedy.tokens[:, :-1], greedy.tokens[:, 1:]
         with torch.no_grad():
             logits = chunks[0](inp, torch.arange(inp.shape[1]).expand_as(inp), None).float()
-        for name, t in (("plain", 1.0), ("plain_t07", 0.7)):
-            lp = torch.log_softmax(logits / t, dim=-1)
+        assert logits.shape[-1] > tok.vocab_size, "the check needs a padded vocabulary"
+        for name, t, v in (("plain", 1.0, logits.shape[-1]), ("plain_t07", 0.7, tok.vocab_size)):
+            lp = torch.log_softmax(logits[..., :v] / t, dim=-1)
             plain[name] = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     s1 = generate(
         chunks, prompts, SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=6), seed=5, **kw
