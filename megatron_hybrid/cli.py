@@ -141,11 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. seeds=[0,1,2]")
     demo.set_defaults(func=_demo)
 
-    for stage, text in (
-        ("sft", "supervised post-training of one mode on your data (prompt + reference answer)"),
-        ("grpo", "GRPO/GSPO post-training of one mode on your data with a verifiable reward"),
+    epilog = (
+        "Held-out accuracy (both stages) and the GRPO reward use grpo.grpo.reward: digit_partial "
+        "(default; integer answers, partial credit per digit, exact match for the accuracy), "
+        "exact_int, or math (\\boxed{} / plain math answers); at most "
+        "grpo.grpo.sampling.max_new_tokens (default 6) tokens are generated. Rows are checked "
+        "before training. Defaults: score.method=probe_residual, lora.rank=4 lora.alpha=8, "
+        "seq_length=64, data.holdout_fraction=0.1. Only the linear modules train (embeddings, "
+        "norms and head stay frozen in every mode). The weights are saved to <out>/checkpoint "
+        "(save=false to skip) for `megatron-hybrid merge` / `export-peft`."
+    )
+    for stage, text, example in (
+        (
+            "sft",
+            "supervised post-training of one mode on your data (prompt + reference answer)",
+            "sft.steps=200",
+        ),
+        (
+            "grpo",
+            "GRPO/GSPO post-training of one mode on your data with a verifiable reward",
+            "grpo.steps=20",
+        ),
     ):
-        p = sub.add_parser(stage, help=text)
+        p = sub.add_parser(stage, help=text, description=text, epilog=epilog)
         p.add_argument("--data", help="local jsonl / json / parquet file (or directory, or glob)")
         p.add_argument("--prompt-field", help="column holding the prompt (default: prompt)")
         p.add_argument(
@@ -155,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--mode", help="fft, lora, hybrid, hybrid-random or hybrid-gradnorm (default hybrid)"
         )
         p.add_argument("--config", help="YAML file of overrides")
-        p.add_argument("--out", help="output directory")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.steps=20")
+        p.add_argument("--out", help="output directory (default runs/posttrain)")
+        p.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
         p.set_defaults(func=_posttrain)
 
     from megatron_hybrid.convert.cli import add_checkpoint_subcommands
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         print(f"megatron-hybrid {args.command}: error: {e}", file=sys.stderr)
         return 2
 

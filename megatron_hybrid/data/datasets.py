@@ -85,27 +85,42 @@ class PromptDataset:
     ``torch.Generator``, so a seeded generator reproduces the draw.
     """
 
-    def __init__(self, prompts: list[str], answers: list[str], *, source: str = "<memory>"):
+    def __init__(
+        self,
+        prompts: list[str],
+        answers: list[str],
+        *,
+        source: str = "<memory>",
+        origins: list[str] | None = None,
+    ):
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         self.prompts = list(prompts)
         self.answers = list(answers)
         self.source = source
+        self.origins = (
+            list(origins)
+            if origins is not None
+            else [f"{source}: row {i}" for i in range(len(self))]
+        )
+        """Where each pair comes from, for messages: ``"<file>: row <i>"`` (row in its file)."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> PromptDataset:
         """All rows of ``cfg.path`` (every row validated), before any holdout split."""
         prompts: list[str] = []
         answers: list[str] = []
+        origins: list[str] = []
         for name, table in _load_tables(cfg):
             p, a = _validated_rows(table, name, cfg)
             prompts += p
             answers += a
+            origins += [f"{name}: row {i}" for i in range(len(p))]
         if not prompts:
             raise ValueError(f"data.path {cfg.path!r} holds no rows")
         if cfg.prompt_template is not None:
             prompts = [cfg.prompt_template.format(prompt=p) for p in prompts]
-        return cls(prompts, answers, source=cfg.path)
+        return cls(prompts, answers, source=cfg.path, origins=origins)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -149,6 +164,7 @@ class PromptDataset:
                 [self.prompts[i] for i in index],
                 [self.answers[i] for i in index],
                 source=f"{self.source} ({part})",
+                origins=[self.origins[i] for i in index],
             )
 
         return subset(train, "train"), subset(test, "holdout")

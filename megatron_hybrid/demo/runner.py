@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hybrid.checkpoint.io import save_model, save_trainables
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim, StageConfig
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
@@ -110,6 +111,12 @@ class RunResult:
     shared_with: str | None = None
     """Mode whose run this is: same stage, seed, plan and optimizer settings, so the same
     (deterministic) run; it was trained once and its result is reported under both modes."""
+    reward_errors: int = 0
+    """GRPO: completions whose reward function raised or returned a non-number (scored 0)."""
+    reward_timeouts: int = 0
+    """GRPO: completions whose reward function ran out of time (scored 0)."""
+    checkpoint: str | None = None
+    """Where the trained weights were saved (``run(save_dir=...)``), else None."""
 
 
 def _job_key(job: tuple) -> str:
@@ -494,13 +501,28 @@ class Demo:
         problems: ProblemSet,
         plan: HybridPlan,
         mode_optim: ModeOptim,
+        *,
+        save_dir: str | Path | None = None,
+        base_checkpoint: str | Path | None = None,
     ) -> RunResult:
+        """Train one (stage, mode, seed) run and evaluate it on ``problems.test``.
+
+        ``save_dir``: also save the result, as a trainables checkpoint (LoRA A/B and FFT weights,
+        the plan; ``save_dir/iter_<steps>``, ``save_dir/latest``) on top of
+        ``base_checkpoint``, or, when that is None, of the starting weights saved to
+        ``save_dir/base`` first: ``megatron-hybrid merge`` / ``export-peft`` read it.
+        """
         cfg = self.cfg
         stage_cfg = cfg.sft if stage == "sft" else cfg.grpo
         torch.manual_seed(seed)
+        reward_errors = reward_timeouts = 0
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             chunks = self.fresh_model(stage)
+            if save_dir is not None and base_checkpoint is None:
+                base_checkpoint = save_model(
+                    Path(save_dir) / "base", chunks, cfg.model, overwrite=True
+                )
             summary = apply_hybrid_plan(chunks, plan)
             reference = (
                 ReferencePolicy(chunks)
@@ -554,6 +576,11 @@ class Demo:
                         reference=reference,
                     )
                     reward_curve.append([step, stats.reward_mean])
+                    reward_errors += stats.reward_errors
+                    reward_timeouts += stats.reward_timeouts
+                    if stats.reward_errors or stats.reward_timeouts:
+                        self._scalar(f"{tag}/reward_errors", stats.reward_errors, step)
+                        self._scalar(f"{tag}/reward_timeouts", stats.reward_timeouts, step)
                     if stats.loss is not None:
                         loss_curve.append([step, stats.loss])
                     self._scalar(f"{tag}/reward", stats.reward_mean, step)
@@ -564,6 +591,17 @@ class Demo:
                         self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
             final = self.accuracy(ddp, problems.test)
             steps = cfg.sft.steps if stage == "sft" else cfg.grpo.steps
+            saved = None
+            if save_dir is not None:
+                saved = save_trainables(
+                    save_dir,
+                    steps,
+                    ddp,
+                    plan=plan,
+                    model_cfg=cfg.model,
+                    base=base_checkpoint,
+                    save_rng=False,
+                )
             acc_curve.append([steps, self.accuracy(ddp, subset)])
             wall = time.perf_counter() - t0
             opt_bytes = _mp_sum(optimizer_state_bytes(opt))
@@ -592,6 +630,9 @@ class Demo:
             peak_memory_bytes=int(mem.peak),
             training_state_bytes=state_bytes,
             fft_modules=plan.names("fft") if mode != "fft" else [],
+            reward_errors=reward_errors,
+            reward_timeouts=reward_timeouts,
+            checkpoint=None if saved is None else str(saved),
         )
 
     def _scalar(self, tag: str, value: float, step: int) -> None:

@@ -76,7 +76,7 @@ class GRPOConfig:
                 loss["max_response_length"] = self.sampling.max_new_tokens
             self.loss = PolicyLossConfig(**loss)
         for key in ("prompts_per_step", "group_size", "micro_batch_size", "updates_per_rollout"):
-            check_int(f"grpo.{key}", getattr(self, key))
+            check_int(f"grpo.{key}", getattr(self, key), minimum=2 if key == "group_size" else 1)
         dr_grpo = self.loss.loss == "dr_grpo"
         if self.scale_advantages is None:
             self.scale_advantages = not dr_grpo

@@ -7,8 +7,15 @@ Run::
     torchrun --nproc_per_node 2 -m megatron_hybrid.cli grpo --data my.jsonl parallel.tensor_model_parallel_size=2
 
 Rows need a prompt and an answer (an integer, or a math expression with ``grpo.grpo.reward=math``).
-A held-out fraction of the rows is used for the final greedy accuracy. The model starts from
-random weights unless ``init_checkpoint`` points to a Megatron checkpoint.
+A held-out fraction of the rows is used for the final greedy accuracy, graded in both stages with
+``grpo.grpo.reward`` and at most ``grpo.grpo.sampling.max_new_tokens`` generated tokens. Every
+row is checked before training: its answer must suit the reward, it must fit ``seq_length``, and
+its answer (plus the end token) must fit ``max_new_tokens``. The model starts from random weights
+unless ``init_checkpoint`` points to a Megatron checkpoint (base or merged). With ``save=true``
+(the default) the result is saved to ``<out>/checkpoint``: a trainables checkpoint (LoRA A/B and
+the FFT modules, the plan) on top of ``init_checkpoint`` or of the random start saved to
+``<out>/checkpoint/base``, which ``megatron-hybrid merge`` and ``export-peft`` read; a merged
+checkpoint can start the next stage (``init_checkpoint=...``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_hybrid.data.datasets import DataConfig, load_prompt_datasets
+from megatron_hybrid.config import check_int
+from megatron_hybrid.data.arith import CharTokenizer
+from megatron_hybrid.data.datasets import DataConfig, PromptDataset, load_prompt_datasets
 from megatron_hybrid.data.tokenizers import build_tokenizer
 from megatron_hybrid.demo.config import (
     MODES,
@@ -31,6 +40,7 @@ from megatron_hybrid.demo.config import (
 from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
+from megatron_hybrid.rl.rewards import get_reward_function
 from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
 from megatron_hybrid.scoring.run import ScoreConfig
 from megatron_hybrid.scoring.selection import SelectionConfig
@@ -64,10 +74,15 @@ class PostTrainConfig:
     init_checkpoint: str | None = None
     """A base checkpoint (``megatron-hybrid convert-hf`` output); None starts from random weights."""
     out: str = "runs/posttrain"
+    save: bool = True
+    """Save the trained weights to ``<out>/checkpoint`` (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.save, bool):
+            raise ValueError(f"save must be true or false, got {self.save!r}")
         if self.data is None:
             raise ValueError("data.path is required (--data FILE)")
         if not self.data.holdout_fraction:
@@ -90,7 +105,9 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         raise ValueError("data.holdout_fraction must leave some rows for evaluation")
     pairs = [train[i] for i in range(len(train))]
     test = [holdout[i] for i in range(len(holdout))]
+    _check_reserved_characters(cfg, train, holdout)
     tok = build_tokenizer(cfg.tokenizer, (t for pair in pairs + test for t in pair))
+    _check_rows(cfg, tok, train, holdout)
     model = cfg.model
     if model.vocab_size < tok.vocab_size:
         model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
@@ -126,8 +143,20 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
             table = _candidate_table(demo)
         plan = demo.plan_for(cfg.mode, table, cfg.seed)
         result = demo.run(
-            stage, cfg.mode, cfg.seed, problems, plan, getattr(demo_cfg, stage).modes[cfg.mode]
+            stage,
+            cfg.mode,
+            cfg.seed,
+            problems,
+            plan,
+            getattr(demo_cfg, stage).modes[cfg.mode],
+            save_dir=Path(cfg.out) / "checkpoint" if cfg.save else None,
+            base_checkpoint=cfg.init_checkpoint,
         )
+        if result.reward_errors or result.reward_timeouts:
+            say(
+                f"warning: the reward function failed on {result.reward_errors} completions and "
+                f"timed out on {result.reward_timeouts} (each scored 0)"
+            )
         out = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "result": asdict(result)}
         if rank0:
             path = Path(cfg.out)
@@ -135,10 +164,61 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
             say(
                 f"held-out accuracy {result.final_heldout_accuracy:.3f} ({result.wall_time_s:.0f} s); "
                 f"trainable parameters {result.trainable_params:,}; wrote {path / 'result.json'}"
+                + (f" and the weights to {result.checkpoint}" if result.checkpoint else "")
             )
         return out
     finally:
         destroy_runtime()
+
+
+def _check_reserved_characters(cfg: PostTrainConfig, *parts: PromptDataset) -> None:
+    """The character tokenizers reserve ``_`` (padding) and ``$`` (end): name the first row that
+    uses one."""
+    if not cfg.tokenizer.startswith("char"):
+        return
+    reserved = (CharTokenizer.PAD, CharTokenizer.EOS)
+    for part in parts:
+        for (prompt, answer), origin in zip(part, part.origins):
+            for field_name, text in (("prompt", prompt), ("answer", answer)):
+                hit = next((c for c in reserved if c in text), None)
+                if hit is not None:
+                    raise ValueError(
+                        f"{origin}: the {field_name} {text!r:.80} contains {hit!r}, which the "
+                        f"character tokenizer reserves (padding / end); use a Hugging Face "
+                        "tokenizer (tokenizer=/path/to/tokenizer)"
+                    )
+
+
+def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
+    """Every row, before training: its answer suits the reward (the reward function must accept
+    the answer itself as a completion), the row fits ``seq_length``, and the answer plus the end
+    token fits the generation limit used for rollouts and evaluation."""
+    reward_name = cfg.grpo.grpo.reward
+    reward = get_reward_function(reward_name)
+    limit = cfg.grpo.grpo.sampling.max_new_tokens
+    for part in parts:
+        for (prompt, answer), origin in zip(part, part.origins):
+            try:
+                reward(answer, answer)
+            except Exception as e:  # noqa: BLE001 - any failure means the rows do not suit it
+                raise ValueError(
+                    f"{origin}: answer {answer!r:.80} does not suit grpo.grpo.reward="
+                    f"{reward_name!r} ({e}); integer rewards need integer answers, "
+                    "grpo.grpo.reward=math grades math answers"
+                ) from None
+            n_prompt, n_answer = len(tok.encode(prompt)), len(tok.encode(answer)) + 1
+            if n_prompt + n_answer - 1 > cfg.seq_length:
+                raise ValueError(
+                    f"{origin}: prompt + answer need {n_prompt + n_answer - 1} tokens > "
+                    f"seq_length={cfg.seq_length} (raise seq_length and "
+                    "model.max_sequence_length)"
+                )
+            if n_answer > limit:
+                raise ValueError(
+                    f"{origin}: the answer needs {n_answer} tokens with the end token > "
+                    f"grpo.grpo.sampling.max_new_tokens={limit}, the generation limit of the "
+                    f"rollouts and the held-out evaluation; set it to at least {n_answer}"
+                )
 
 
 def _candidate_table(demo) -> dict[str, dict]:

@@ -240,9 +240,11 @@ def math_equal(prediction: str, answer: str, *, use_math_verify: bool | None = N
 
 @register_reward_function("math", setup=_math_verify)
 def math_reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer (see :func:`extract_math_answer`) equals ``answer``."""
+    """1.0 if the completion's final answer (see :func:`extract_math_answer`) equals ``answer``
+    (itself a plain answer or one written as ``\\boxed{...}``)."""
     prediction = extract_math_answer(completion)
-    return 1.0 if prediction is not None and math_equal(prediction, answer) else 0.0
+    gold = extract_math_answer(answer) if _BOXED.search(answer) else answer
+    return 1.0 if prediction is not None and gold and math_equal(prediction, gold) else 0.0
 
 
 # -- scoring a batch -----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_bad_grpo_start_names_the_key(override, match):
             r"grpo.modes.hybrid.lora_lr_mult must be a number > 0",
         ),
         ("model.num_layers=true", r"model.num_layers must be a positive integer, got True"),
-        ("grpo.grpo.group_size=yes", r"grpo.group_size must be a positive integer, got True"),
+        ("grpo.grpo.group_size=yes", r"grpo.group_size must be an integer >= 2, got True"),
         ("seeds=[0,a]", r"seeds\[1\] must be an integer >= 0, got 'a'"),
         ("seeds=[0,1,1]", r"seeds must be distinct \(paired comparisons\); repeated: \[1\]"),
         ("seeds=[]", r"seeds must be a non-empty list of integers"),

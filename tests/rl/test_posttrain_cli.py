@@ -94,6 +94,7 @@ def test_grpo_with_math_answers_and_reward(data, mode, extra):
         "grpo", "--data", str(data / "math.jsonl"), "--prompt-field", "question",
         "--answer-field", "solution", "--mode", mode, "--out", str(out), *TINY,
         "grpo.steps=2", "grpo.eval_interval=1", "grpo.grpo.reward=math",
+        "grpo.grpo.sampling.max_new_tokens=12",  # \boxed{41}$ is 11 characters
         "grpo.grpo.group_size=2", "grpo.grpo.prompts_per_step=4", "score.probe.steps=2", *extra,
     )  # fmt: skip
     r = _result(proc, out)
@@ -124,3 +125,83 @@ def test_the_benchmarks_grpo_start_is_refused_on_custom_data(data):
     assert not load_config(PostTrainConfig, None, ["data.path=x.jsonl"]).grpo.start.enabled
     with pytest.raises(ValueError, match=r"grpo.start.target_accuracy .*init_checkpoint"):
         load_config(PostTrainConfig, None, ["data.path=x.jsonl", "grpo.start.target_accuracy=0.3"])
+
+
+def _bad_rows(data, name: str, rows: list[dict]):
+    path = data / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "extra", "message"),
+    [
+        # Held-out accuracy would silently stay 0: the answer cannot be generated or graded.
+        ({"q": "3+4=", "a": "seven"}, [], "does not suit grpo.grpo.reward='digit_partial'"),
+        ({"q": "3+4=", "a": 1234567}, [], "needs 8 tokens with the end token > grpo.grpo.sampling"),
+        ({"q": "1" * 70 + "=", "a": 7}, [], "need 72 tokens > seq_length=64"),
+        ({"q": "x_1+1=", "a": 2}, [], "contains '_', which the character tokenizer reserves"),
+        ({"q": "3+4=", "a": "\\boxed{7}"}, ["grpo.grpo.reward=exact_int"], "does not suit"),
+    ],
+)
+def test_rows_that_cannot_work_fail_before_training_with_their_row(data, bad_row, extra, message):
+    rows = [{"q": f"{i}+1=", "a": i + 1} for i in range(5)]
+    rows.insert(3, bad_row)
+    path = _bad_rows(data, "rows", rows)
+    out = data / "rows_out"
+    proc = _cli(
+        "sft", "--data", str(path), "--prompt-field", "q", "--answer-field", "a",
+        "--out", str(out), *TINY, *extra,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{path}: row 3" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_the_saved_weights_merge_into_the_trained_model(data, single_rank_runtime):
+    """``sft`` saves base + trainables; ``merge`` of them reproduces the run's held-out accuracy
+    (1.0 on a constant answer, learned in 40 steps), while the saved base alone scores 0."""
+    from megatron_hybrid.checkpoint import load_model
+    from megatron_hybrid.checkpoint.commit import resolve_checkpoint
+    from megatron_hybrid.checkpoint.metadata import read_meta
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.data.datasets import load_prompt_datasets
+    from megatron_hybrid.data.tokenizers import build_tokenizer
+    from megatron_hybrid.models.provider import build_model
+    from megatron_hybrid.rl.evaluate import greedy_accuracy
+    from megatron_hybrid.rl.job import PostTrainConfig
+
+    path = _bad_rows(data, "const", [{"q": f"{i}?", "a": 7} for i in range(40)])
+    out = data / "saved"
+    args = ["--data", str(path), "--prompt-field", "q", "--answer-field", "a"]
+    proc = _cli(
+        "sft", *args, "--mode", "hybrid", "--out", str(out), *TINY, "sft.steps=40",
+        "sft.batch_size=8", "sft.warmup_steps=5", "sft.eval_interval=20", "score.probe.steps=2",
+    )  # fmt: skip
+    result = _result(proc, out)
+    assert result["final_heldout_accuracy"] == 1.0
+    assert result["checkpoint"] == str(out / "checkpoint" / "iter_0000040")
+    merged = data / "merged"
+    proc = _cli("merge", "--trainables", str(out / "checkpoint"), "--out", str(merged))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    cfg = load_config(
+        PostTrainConfig, None, [f"data.path={path}", "data.prompt_field=q", "data.answer_field=a"]
+    )
+    train, holdout = load_prompt_datasets(cfg.data)
+    tok = build_tokenizer(
+        "char:auto", (t for part in (train, holdout) for pair in part for t in pair)
+    )
+    pairs = [(tok.encode(p), a) for p, a in holdout]
+
+    def accuracy(checkpoint) -> float:
+        model_cfg = read_meta(resolve_checkpoint(checkpoint)).model_config()
+        chunks = build_model(model_cfg, single_rank_runtime)
+        load_model(checkpoint, chunks, model_cfg)
+        return greedy_accuracy(
+            chunks, pairs, decode=tok.decode, stop_token=tok.eos_id,
+            vocab_size=tok.vocab_size, max_new_tokens=6,
+        )  # fmt: skip
+
+    assert accuracy(merged) == 1.0
+    assert accuracy(out / "checkpoint" / "base") == 0.0

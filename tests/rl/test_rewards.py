@@ -161,6 +161,10 @@ def test_math_reward_falls_back_without_math_verify(monkeypatch):
     assert math_reward("It is 41, no 42.", "42") == 1.0
     assert math_reward("It is 42, no 41.", "42") == 0.0
     assert math_reward("I don't know", "42") == 0.0
+    # A reference answer written as \boxed{...} (as in MATH-style data) is unboxed too.
+    assert math_reward("so \\boxed{\\frac{9}{2}}$", "\\boxed{\\frac{9}{2}}") == 1.0
+    assert math_reward("so \\boxed{4.5}", "\\boxed{\\frac{9}{2}}") == 1.0
+    assert math_reward("so \\boxed{5}", "\\boxed{\\frac{9}{2}}") == 0.0
 
 
 # -- registry -------------------------------------------------------------------------------------
