@@ -228,6 +228,12 @@ class Demo:
         self.rank0 = dist.get_rank() == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        n = cfg.grpo.grpo.prompts_per_step
+        if cfg.grpo.enabled and n % self.dp_size:
+            raise ValueError(
+                f"grpo.grpo.prompts_per_step={n} must be a multiple of the data-parallel size "
+                f"{self.dp_size} (each rank takes an equal share of the prompts)"
+            )
         self.base_state: list[dict[str, torch.Tensor]] | None = None
         self.base_path: Path | None = None
         """This rank's cached base weights (set by :meth:`warm_up`; worker processes load it)."""
