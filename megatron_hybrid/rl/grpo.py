@@ -38,7 +38,13 @@ from megatron_hybrid.rl.losses import (
 )
 from megatron_hybrid.rl.reference import ReferencePolicy
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
-from megatron_hybrid.train.step import OptimConfig, run_schedule, set_learning_rate, zero_grads
+from megatron_hybrid.train.step import (
+    OptimConfig,
+    run_schedule,
+    set_learning_rate,
+    to_model_device,
+    zero_grads,
+)
 
 __all__ = ["GRPOConfig", "RLBatch", "StepStats", "grpo_step"]
 
@@ -167,7 +173,7 @@ class StepStats:
 
 
 def _policy_forward_step(loss_cfg: PolicyLossConfig, spec: LogprobSpec, data_iterator, model):
-    batch: RLBatch = next(data_iterator)
+    batch: RLBatch = to_model_device(next(data_iterator), model)
     nll = token_nll(model, batch.tokens, batch.position_ids, batch.labels, spec)
     loss_fn = get_policy_loss(loss_cfg.loss)
 

@@ -8,6 +8,7 @@ ranks gives the same gradients as one big batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -179,8 +180,20 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def to_model_device(batch, model: torch.nn.Module):
+    """``batch`` (a dataclass of tensors, e.g. :class:`Batch`) with its tensors on ``model``'s
+    device; the same object when they are there already (CPU runs)."""
+    device = next(model.parameters()).device
+    moved = {
+        f.name: v.to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if torch.is_tensor(v := getattr(batch, f.name)) and v.device != device
+    }
+    return dataclasses.replace(batch, **moved) if moved else batch
+
+
 def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-    batch = next(data_iterator)
+    batch = to_model_device(next(data_iterator), model)
     output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
     return output, partial(_loss_func, batch.loss_mask)
 
