@@ -228,8 +228,39 @@ def _load_tables(cfg: DataConfig):
                 _FORMATS[f.suffix], data_files=[str(f)], split="train", cache_dir=cfg.cache_dir
             )
         except Exception as e:
-            raise ValueError(f"{f}: could not be read as {_FORMATS[f.suffix]}: {e}") from e
+            raise ValueError(
+                f"{f}: could not be read as {_FORMATS[f.suffix]}: {_json_problem(f) or e}"
+            ) from e
         yield str(f), table
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a json / jsonl file that ``datasets`` refused goes wrong (``datasets`` only says that
+    generating the dataset failed): its first bad line, or that it is empty."""
+    if path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return str(e)
+    if not text.strip():
+        return "the file is empty"
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: {e.msg}"
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}: {e.msg}: {line[:80]!r}"
+        if not isinstance(record, dict):
+            return f"line {number}: expected an object {{...}}, got {type(record).__name__}"
+    return None
 
 
 def _column(table, field: str, name: str) -> list:

@@ -173,3 +173,31 @@ def test_holdout_split(tmp_path):
     assert none is None and len(full) == 10
     tiny = load_prompt_datasets(config(tmp_path, f, holdout_fraction=0.01))[1]
     assert len(tiny) == 1  # at least one row held out
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("bad.jsonl", '{"q": "1", "a": 1}\n{"q": "2", "a": \n', r"line 2: Expecting value"),
+        ("empty.jsonl", "", r"the file is empty"),
+        ("blank.jsonl", "\n\n", r"the file is empty"),
+        (
+            "bad.json",
+            '[{"q": "1", "a": 1},\n{"q": "2" "a": 2}]',
+            r"line 2: Expecting ',' delimiter",
+        ),
+    ],
+)
+def test_unreadable_json_names_its_line(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}: could not be read as json: {match}"):
+        PromptDataset.from_config(config(tmp_path, tmp_path / name))
+
+
+def test_rows_keep_their_file_and_row_through_the_split(tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", ROWS)
+    train, test = load_prompt_datasets(config(tmp_path, f, holdout_fraction=0.25, seed=3))
+    for part in (train, test):
+        for (prompt, _), origin in zip(part, part.origins):
+            row = int(origin.rsplit("row ", 1)[1])
+            assert origin.startswith(f"{f}: row ") and ROWS[row]["q"] == prompt
