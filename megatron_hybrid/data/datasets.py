@@ -223,6 +223,8 @@ def _load_tables(cfg: DataConfig):
         yield cfg.path, table
         return
     for f in files:
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a "Generating train split" bar per local file: noise
         try:
             table = datasets.load_dataset(
                 _FORMATS[f.suffix], data_files=[str(f)], split="train", cache_dir=cfg.cache_dir
@@ -231,6 +233,9 @@ def _load_tables(cfg: DataConfig):
             raise ValueError(
                 f"{f}: could not be read as {_FORMATS[f.suffix]}: {_json_problem(f) or e}"
             ) from e
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         yield str(f), table
 
 

@@ -212,6 +212,12 @@ def _math_verify():
         try:  # optional extra; any failure (not just ImportError) means "not usable"
             import math_verify
 
+            # score_completions owns the time limit (math_equal passes timeout=None); mark
+            # Math-Verify's one-time "you must provide the timeout yourself" warning as shown.
+            for name in ("parser", "grader"):
+                module = getattr(math_verify, name, None)
+                if module is not None and hasattr(module, "TIMEOUT_WARNING_SHOWN"):
+                    module.TIMEOUT_WARNING_SHOWN = True
             _MATH_VERIFY = math_verify
         except Exception:  # noqa: BLE001 - a broken optional install means "use the fallback"
             _MATH_VERIFY = False
