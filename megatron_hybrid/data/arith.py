@@ -47,12 +47,17 @@ class CharTokenizer:
         seen = set(cls.CHARS[1:-1])
         for t in texts:
             seen.update(t)
-        for reserved in (cls.PAD, cls.EOS):
-            if reserved in seen:
-                raise ValueError(
-                    f"the data contains the reserved character {reserved!r} (padding / end token)"
-                )
+        reserved = cls.reserved_in("".join(seen))
+        if reserved is not None:
+            raise ValueError(
+                f"the data contains the reserved character {reserved!r} (padding / end token)"
+            )
         return cls(cls.PAD + "".join(sorted(seen)) + cls.EOS)
+
+    @classmethod
+    def reserved_in(cls, text: str) -> str | None:
+        """The first reserved character (padding, then end token) that ``text`` contains."""
+        return next((c for c in (cls.PAD, cls.EOS) if c in text), None)
 
     @property
     def vocab_size(self) -> int:

@@ -172,8 +172,9 @@ class StartConfig:
     def __post_init__(self) -> None:
         check_number("target_accuracy", self.target_accuracy, lambda v: 0 <= v <= 1, "in [0, 1]")
         check_number("lr", self.lr, lambda v: v > 0, "> 0")
-        for key in ("max_steps", "batch_size", "check_interval", "check_size", "seed"):
-            check_int(key, getattr(self, key), minimum=0 if key == "seed" else 1)
+        for key in ("max_steps", "batch_size", "check_interval", "check_size"):
+            check_int(key, getattr(self, key))
+        check_int("seed", self.seed, minimum=0)
         if type(self.warmup_steps) is not int or not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(
                 f"warmup_steps must be an integer in [0, max_steps), got {self.warmup_steps!r}"
@@ -278,11 +279,13 @@ class DemoConfig:
                 f"seq_length ({self.seq_length}) exceeds model.max_sequence_length "
                 f"({self.model.max_sequence_length})"
             )
-        for key in ("out", "cache_dir"):
-            value = getattr(self, key)
-            if not (isinstance(value, str) and value) and not (
-                key == "cache_dir" and value is None
-            ):
+        paths = (
+            {"out": self.out}
+            if self.cache_dir is None
+            else {"out": self.out, "cache_dir": self.cache_dir}
+        )
+        for key, value in paths.items():  # cache_dir may be null (the default)
+            if not (isinstance(value, str) and value):
                 raise ValueError(f"{key} must be a non-empty path string, got {value!r}")
 
 

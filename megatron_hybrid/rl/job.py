@@ -176,11 +176,10 @@ def _check_reserved_characters(cfg: PostTrainConfig, *parts: PromptDataset) -> N
     uses one."""
     if not cfg.tokenizer.startswith("char"):
         return
-    reserved = (CharTokenizer.PAD, CharTokenizer.EOS)
     for part in parts:
         for (prompt, answer), origin in zip(part, part.origins):
             for field_name, text in (("prompt", prompt), ("answer", answer)):
-                hit = next((c for c in reserved if c in text), None)
+                hit = CharTokenizer.reserved_in(text)
                 if hit is not None:
                     raise ValueError(
                         f"{origin}: the {field_name} {text!r:.80} contains {hit!r}, which the "
@@ -207,9 +206,10 @@ def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
                     "grpo.grpo.reward=math grades math answers"
                 ) from None
             n_prompt, n_answer = len(tok.encode(prompt)), len(tok.encode(answer)) + 1
-            if n_prompt + n_answer - 1 > cfg.seq_length:
+            need = n_prompt + n_answer - 1  # inputs of prompt + answer + end (make_sft_batch)
+            if need > cfg.seq_length:
                 raise ValueError(
-                    f"{origin}: prompt + answer need {n_prompt + n_answer - 1} tokens > "
+                    f"{origin}: prompt + answer need {need} tokens > "
                     f"seq_length={cfg.seq_length} (raise seq_length and "
                     "model.max_sequence_length)"
                 )

@@ -42,6 +42,7 @@ def policy_gradient_source(
     """
     cache: dict[int, list[RLBatch]] = {}
     reward_fn = get_reward_function(cfg.reward)
+    spec = LogprobSpec.of(cfg.sampling, vocab_size)  # the sampler's distribution
 
     def batches(k: int) -> list[RLBatch]:
         if k in cache:
@@ -65,7 +66,7 @@ def policy_gradient_source(
             chunks,
             rollout.tokens,
             micro_batch_size=cfg.micro_batch_size,
-            spec=LogprobSpec.of(cfg.sampling, vocab_size),
+            spec=spec,
         )
         for c, t in zip(chunks, training):
             c.train(t)
@@ -76,6 +77,4 @@ def policy_gradient_source(
         cache[k] = make_micro_batches(rollout, old, adv, None, cfg.micro_batch_size)
         return cache[k]
 
-    return batches, partial(
-        _policy_forward_step, cfg.loss, LogprobSpec.of(cfg.sampling, vocab_size)
-    )
+    return batches, partial(_policy_forward_step, cfg.loss, spec)

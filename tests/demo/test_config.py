@@ -69,26 +69,6 @@ def test_grpo_start_defaults_and_overrides():
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        (
-            "target_accuracy=1.5",
-            r"grpo.start: target_accuracy must be a number in \[0, 1\], got 1.5",
-        ),
-        ("target_accuracy=-0.1", r"target_accuracy must be a number in \[0, 1\]"),
-        ("lr=0", r"grpo.start: lr must be a number > 0, got 0"),
-        ("max_steps=0", r"grpo.start: max_steps must be a positive integer, got 0"),
-        ("check_interval=2.5", r"grpo.start: check_interval must be a positive integer, got 2.5"),
-        ("warmup_steps=600", r"grpo.start: warmup_steps must be an integer in \[0, max_steps\)"),
-        ("steps=3", r"unknown config key 'grpo.start.steps'"),
-    ],
-)
-def test_bad_grpo_start_names_the_key(override, match):
-    with pytest.raises(ValueError, match=match):
-        load_config(DemoConfig, None, [f"grpo.start.{override}"])
-
-
-@pytest.mark.parametrize(
-    ("override", "match"),
-    [
         # Caught when the config is read, not minutes later in the runs (a zero eval interval
         # used to divide by zero after the warm-up; YAML's ``true`` used to count as 1).
         ("sft.eval_interval=0", r"sft: eval_interval must be a positive integer, got 0"),
@@ -113,6 +93,22 @@ def test_bad_grpo_start_names_the_key(override, match):
         ("seq_length=32", r"seq_length \(32\) exceeds model.max_sequence_length \(16\)"),
         ("workers=-1", r"workers must be an integer >= 0, got -1"),
         ("cache_dir=3", r"cache_dir must be a non-empty path string, got 3"),
+        (
+            "grpo.start.target_accuracy=1.5",
+            r"grpo.start: target_accuracy must be a number in \[0, 1\], got 1.5",
+        ),
+        ("grpo.start.target_accuracy=-0.1", r"target_accuracy must be a number in \[0, 1\]"),
+        ("grpo.start.lr=0", r"grpo.start: lr must be a number > 0, got 0"),
+        ("grpo.start.max_steps=0", r"grpo.start: max_steps must be a positive integer, got 0"),
+        (
+            "grpo.start.check_interval=2.5",
+            r"grpo.start: check_interval must be a positive integer, got 2.5",
+        ),
+        (
+            "grpo.start.warmup_steps=600",
+            r"grpo.start: warmup_steps must be an integer in \[0, max_steps\)",
+        ),
+        ("grpo.start.steps=3", r"unknown config key 'grpo.start.steps'"),
     ],
 )
 def test_bad_demo_values_name_the_key(override, match):
