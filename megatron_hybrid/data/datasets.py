@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_hybrid.config import check_number
+
 __all__ = ["DataConfig", "PromptDataset", "load_prompt_datasets"]
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -43,8 +45,10 @@ class DataConfig:
     """Hub dataset configuration (``load_dataset``'s ``name``, e.g. ``"main"`` for gsm8k)."""
     split: str = "train"
     """Hub split to read; local files form a single ``train`` split."""
-    holdout_fraction: float = 0.0
-    """Fraction of rows held out as a test set (at least one row when > 0), in [0, 1)."""
+    holdout_fraction: float | None = None
+    """Fraction of rows held out as a test set (at least one row when > 0), in [0, 1). None: the
+    consumer's default (no holdout for :func:`load_prompt_datasets`; 0.1 for the post-training
+    job, which refuses an explicit 0 since it evaluates on the holdout)."""
     seed: int = 0
     """Seed of the train/holdout permutation."""
     cache_dir: str | None = None
@@ -59,9 +63,10 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
         if self.prompt_template is not None:
             _check_template(self.prompt_template)
-        frac = self.holdout_fraction
-        if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
-            raise ValueError(f"data.holdout_fraction must be in [0, 1), got {frac!r}")
+        if self.holdout_fraction is not None:
+            check_number(
+                "data.holdout_fraction", self.holdout_fraction, lambda f: 0 <= f < 1, "in [0, 1)"
+            )
         if type(self.seed) is not int:
             raise ValueError(f"data.seed must be an integer, got {self.seed!r}")
 
@@ -171,9 +176,9 @@ class PromptDataset:
 
 
 def load_prompt_datasets(cfg: DataConfig) -> tuple[PromptDataset, PromptDataset | None]:
-    """(train, holdout) for ``cfg``; holdout is None when ``cfg.holdout_fraction`` is 0."""
+    """(train, holdout) for ``cfg``; holdout is None when ``cfg.holdout_fraction`` is 0 or None."""
     full = PromptDataset.from_config(cfg)
-    if cfg.holdout_fraction == 0:
+    if not cfg.holdout_fraction:
         return full, None
     return full.split(cfg.holdout_fraction, cfg.seed)
 

@@ -247,11 +247,12 @@ def policy_update(
     (``LogprobSpec.of(sampling, vocab_size)``), like the micro-batches' ``old_logprobs``. None:
     the model's own softmax (``LogprobSpec()``).
 
-    Returns the loss (normalised by this rank's count; None off the last stage) and metrics (only
-    ``grad_norm`` off the last stage: the global gradient norm over all shards, the same on every
-    rank, before ``optim.clip_grad``). ``pg_loss`` and ``kl`` are this rank's sums over its
-    micro-batches divided by its normaliser count, like the loss; the other metrics (clip
-    fractions, mean ratio) are averages over the micro-batches weighted by their response tokens.
+    Returns the loss (None off the last stage) and metrics (only ``grad_norm`` off the last
+    stage: the global gradient norm over all shards, the same on every rank, before
+    ``optim.clip_grad``), all global over the data-parallel group: the loss, ``pg_loss`` and
+    ``kl`` are sums over every rank's micro-batches divided by the global normaliser count (what
+    the gradient is divided by); clip fractions and the mean ratio are averages weighted by the
+    tokens (GSPO: sequences) they are taken over; ``num_tokens`` / ``num_sequences`` are totals.
     """
     zero_grads(ddp_chunks)
     reports = run_schedule(
@@ -265,20 +266,38 @@ def policy_update(
         raise RuntimeError(f"policy step {step}: optimizer step skipped (non-finite gradients)")
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, {"grad_norm": float(grad_norm)}
-    tot = torch.stack([r["loss"] for r in reports]).sum(0)
-    count = tot[1].clamp(min=1)
-    tokens = torch.stack([r["num_tokens"] for r in reports])
+    summed = _summed_metrics(reports)
+    # Every DP peer of a last-stage rank is a last-stage rank: the reduction stays among them.
+    keys = sorted(summed)
+    total = dict(zip(keys, _dp_sum([summed[k] for k in keys]), strict=True))
+    count = max(total.pop("count"), 1.0)
+    weight = max(total.pop("stat_count"), 1.0)
     metrics: dict[str, float] = {}
-    for k in reports[0]:
-        values = torch.stack([r[k] for r in reports])
-        if k in ("pg_loss", "kl"):  # sums (the loss runs with normalizer=1)
-            metrics[k] = float(values.sum() / count)
+    for k, v in total.items():
+        if k in ("loss", "pg_loss", "kl"):  # sums (the loss runs with normalizer=1)
+            metrics[k] = v / count
         elif k in ("num_tokens", "num_sequences"):
-            metrics[k] = float(values.sum())
-        elif k != "loss":
-            metrics[k] = float((values * tokens).sum() / tokens.sum().clamp(min=1))
+            metrics[k] = v
+        else:  # means over stat_count tokens / sequences
+            metrics[k] = v / weight
     metrics["grad_norm"] = float(grad_norm)
-    return float(tot[0] / count), metrics
+    return metrics.pop("loss"), metrics
+
+
+def _summed_metrics(reports: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """This rank's micro-batch reports as sums that add up over DP ranks: the loss and its count,
+    ``pg_loss`` / ``kl`` (already sums), counts, and ``stat_count``-weighted means."""
+    out: dict[str, float] = {}
+    loss = torch.stack([r["loss"] for r in reports]).sum(0)
+    out["loss"], out["count"] = float(loss[0]), float(loss[1])
+    weights = torch.stack([r["stat_count"] for r in reports])
+    for k in reports[0]:
+        if k == "loss":
+            continue
+        values = torch.stack([r[k] for r in reports])
+        plain = k in ("pg_loss", "kl", "num_tokens", "num_sequences", "stat_count")
+        out[k] = float(values.sum() if plain else (values * weights).sum())
+    return out
 
 
 def _dp_sum(values: Sequence[float]) -> list[float]:

@@ -85,8 +85,13 @@ class PostTrainConfig:
             raise ValueError(f"save must be true or false, got {self.save!r}")
         if self.data is None:
             raise ValueError("data.path is required (--data FILE)")
-        if not self.data.holdout_fraction:
+        if self.data.holdout_fraction is None:
             self.data.holdout_fraction = 0.1
+        elif self.data.holdout_fraction == 0:
+            raise ValueError(
+                "data.holdout_fraction=0 leaves no rows to evaluate on; the job reports held-out "
+                "accuracy, so hold out a fraction in (0, 1) (default 0.1)"
+            )
         if self.grpo.start.enabled:
             raise ValueError(
                 "grpo.start.target_accuracy is the embedded benchmark's half-trained start; "

@@ -33,7 +33,7 @@ zero (padding) adds nothing to either side. Two ways to drive Megatron's schedul
 Metrics are detached tensors. ``pg_loss`` and ``kl`` (present when ``ref_logprobs`` is given,
 whatever ``kl_coef``) are normalised like the loss, so they add up over micro-batches and ranks
 the same way; ``clip_frac*`` and ``ratio_mean`` are means over this micro-batch's response tokens
-(GSPO: over its sequences), to be averaged with the weights ``num_tokens`` / ``num_sequences``.
+(GSPO: over its sequences), whose number is ``stat_count``: average them with that weight.
 """
 
 from __future__ import annotations
@@ -243,6 +243,7 @@ def grpo_loss(
         "clip_frac_low": _masked_mean(low, m, num_tokens),
         "clip_frac_high": _masked_mean(high, m, num_tokens),
         "ratio_mean": _masked_mean(ratio.detach(), m, num_tokens),
+        "stat_count": num_tokens,
     }
     return _finish(pg, lp, ref, m, cfg, cfg.normalization, normalizer, stats)
 
@@ -282,6 +283,7 @@ def gspo_loss(
         "clip_frac_low": _masked_mean(low[:, 0], has_tokens, num_sequences),
         "clip_frac_high": _masked_mean(high[:, 0], has_tokens, num_sequences),
         "ratio_mean": _masked_mean(seq_ratio, has_tokens, num_sequences),
+        "stat_count": num_sequences,
     }
     return _finish(pg, lp, ref, m, cfg, cfg.normalization, normalizer, stats)
 

@@ -133,8 +133,9 @@ def test_template_validation(template, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"holdout_fraction": 1.0}, "holdout_fraction must be in"),
-        ({"holdout_fraction": -0.1}, "holdout_fraction must be in"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction must be a number in"),
+        ({"holdout_fraction": -0.1}, "holdout_fraction must be a number in"),
+        ({"holdout_fraction": True}, "holdout_fraction must be a number in"),
         ({"answer_field": ""}, "answer_field must be a non-empty string"),
         ({"seed": 1.5}, "seed must be an integer"),
     ],

@@ -127,6 +127,22 @@ def test_the_benchmarks_grpo_start_is_refused_on_custom_data(data):
         load_config(PostTrainConfig, None, ["data.path=x.jsonl", "grpo.start.target_accuracy=0.3"])
 
 
+def test_holdout_fraction_defaults_to_a_tenth_and_an_explicit_zero_is_refused():
+    """The job evaluates on the holdout: unset means 0.1, an explicit 0 is an error (it used to
+    become 0.1 silently)."""
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.rl.job import PostTrainConfig
+
+    def holdout(*overrides):
+        cfg = load_config(PostTrainConfig, None, ["data.path=x.jsonl", *overrides])
+        return cfg.data.holdout_fraction
+
+    assert holdout() == 0.1
+    assert holdout("data.holdout_fraction=0.25") == 0.25
+    with pytest.raises(ValueError, match=r"data.holdout_fraction=0 leaves no rows to evaluate"):
+        holdout("data.holdout_fraction=0")
+
+
 def _bad_rows(data, name: str, rows: list[dict]):
     path = data / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

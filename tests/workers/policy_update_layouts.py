@@ -4,7 +4,8 @@ The rollout (tokens, completion masks, behaviour log-probs, advantages) is built
 on every rank; data-parallel rank d takes its contiguous share of the sequences, split into
 micro-batches. After one optimizer step rank 0 saves the full trainable tensors; the test compares
 them with the TP=1 / DP=1 / one-micro-batch reference. This checks that the loss, normalised by the
-GLOBAL token / sequence count, gives the whole-batch update for any micro-batch and DP split.
+GLOBAL token / sequence count, gives the whole-batch update for any micro-batch and DP split, and
+that the reported loss and metrics are the whole batch's (DP-global) too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.sharding import gather_full_state_dict, load_full_state_dict
 from tests.workers.hybrid_model import MODEL_CFG, PLAN, lora_layout
 
 ROWS, WIDTH = 8, 14
+METRICS = ("pg_loss", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "num_tokens")
 
 
 def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
@@ -66,8 +68,7 @@ def main() -> None:
 
     rollout, old, adv = fixed_rollout()
     dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    share = ROWS // dp_size
+    share = ROWS // parallel_state.get_data_parallel_world_size()
     rows = slice(dp_rank * share, (dp_rank + 1) * share)
     mine = Rollout(rollout.tokens[rows], rollout.prompt_lengths[rows], rollout.lengths[rows])
     micro = make_micro_batches(mine, old[rows], adv[rows], None, args.micro_batch_size)
@@ -86,11 +87,12 @@ def main() -> None:
     full = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     if torch.distributed.get_rank() == 0:
         full["grad_norm"] = torch.tensor(metrics["grad_norm"])  # pre-clip, over all shards
-        if loss is not None and dp_size == 1:  # last stage; rank-local values equal the global
+        if loss is not None:  # rank 0 is on the last stage (PP=1); metrics are DP-global
             # No KL term: the policy-gradient part is the whole loss, whatever the micro-batches.
             assert abs(metrics["pg_loss"] - loss) <= 1e-6 * max(1.0, abs(loss)), (metrics, loss)
             full["loss"] = torch.tensor(loss, dtype=torch.float64)
-            full["pg_loss"] = torch.tensor(metrics["pg_loss"], dtype=torch.float64)
+            for key in METRICS:
+                full[key] = torch.tensor(metrics[key], dtype=torch.float64)
         torch.save(full, args.out)
     destroy_runtime()
 
