@@ -61,6 +61,11 @@ class GRPOConfig:
     """Sequences per micro-batch in the update and log-prob passes."""
     updates_per_rollout: int = 1
     """Optimizer steps on each rollout batch (1 = strictly on-policy)."""
+    recompute_old_logprobs: bool = False
+    """Take the old (behaviour) log-probabilities in a separate forward pass after sampling.
+    False: with one update per rollout the policy has not changed since sampling, so the update's
+    own log-probabilities, detached, are the old ones (ratio 1, the same gradient; one forward pass
+    fewer, as in TRL); with ``updates_per_rollout > 1`` they are always recomputed."""
     reward: str = "exact_int"
     """Reward function name (see ``megatron_hybrid.rl.rewards``)."""
     scale_advantages: bool | None = None
@@ -95,7 +100,17 @@ class GRPOConfig:
                 "grpo.scale_advantages=true contradicts loss.loss=dr_grpo (Dr.GRPO does not divide "
                 "advantages by the group std); leave it unset or use loss.loss=grpo"
             )
+        if not isinstance(self.recompute_old_logprobs, bool):
+            raise ValueError(
+                "grpo.recompute_old_logprobs must be true or false, "
+                f"got {self.recompute_old_logprobs!r}"
+            )
         get_reward_function(self.reward)
+
+    @property
+    def reuses_policy_logprobs(self) -> bool:
+        """Whether the update takes its own detached log-probabilities as the old ones."""
+        return self.updates_per_rollout == 1 and not self.recompute_old_logprobs
 
     @classmethod
     def from_dict(cls, d: dict, base: GRPOConfig | None = None) -> GRPOConfig:
@@ -147,7 +162,8 @@ class RLBatch:
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    """None: on-policy, the update's own log-probabilities (detached) are the old ones."""
     advantages: torch.Tensor
     """``[b]`` one advantage per sequence."""
     ref_logprobs: torch.Tensor | None = None
@@ -179,9 +195,10 @@ def _policy_forward_step(loss_cfg: PolicyLossConfig, spec: LogprobSpec, data_ite
 
     def loss_func(output):
         logprobs = -output.float()
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs
         loss, metrics = loss_fn(
             logprobs,
-            batch.old_logprobs,
+            old,
             batch.advantages,
             batch.loss_mask,
             loss_cfg,
@@ -197,23 +214,33 @@ def _policy_forward_step(loss_cfg: PolicyLossConfig, spec: LogprobSpec, data_ite
 
 
 def make_micro_batches(
-    rollout: Rollout, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None, mbs: int
+    rollout: Rollout,
+    old: torch.Tensor | None,
+    adv: torch.Tensor,
+    ref: torch.Tensor | None,
+    mbs: int,
 ) -> list[RLBatch]:
+    """The update's micro-batches of ``mbs`` sequences; ``old`` / ``ref`` are ``[b, s - 1]``
+    log-probabilities aligned with the labels (``old`` None: on-policy, see :class:`RLBatch`)."""
+
+    def widen(t: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
+        if t is None or not (rows or cols):
+            return t
+        t = torch.cat([t, t.new_zeros(t.shape[0], cols)], dim=1)
+        return torch.cat([t, t.new_zeros(rows, t.shape[1])], dim=0)
+
     tokens = rollout.tokens
     mask = rollout.completion_mask()
     pad = padded_width(tokens.shape[1] - 1) - (tokens.shape[1] - 1)
-    if pad:  # sequence parallelism needs a width divisible by TP; padding is masked out
-        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], dim=1)
-        mask, old = (torch.cat([t, t.new_zeros(t.shape[0], pad)], dim=1) for t in (mask, old))
-        ref = None if ref is None else torch.cat([ref, ref.new_zeros(ref.shape[0], pad)], dim=1)
+    # Sequence parallelism needs a width divisible by TP, and pipeline schedules need equal
+    # micro-batches: pad columns and rows, masked out of the loss (rows also get advantage 0).
     b = tokens.shape[0]
     mbs = min(mbs, b)
     extra = -(-b // mbs) * mbs - b
-    if extra:  # pipeline schedules need equal micro-batches: pad with fully masked rows
-        tokens = torch.cat([tokens, tokens[:1].expand(extra, -1)], dim=0)
-        mask, old = (torch.cat([t, t.new_zeros(extra, t.shape[1])], dim=0) for t in (mask, old))
-        adv = torch.cat([adv, adv.new_zeros(extra)])
-        ref = None if ref is None else torch.cat([ref, ref.new_zeros(extra, ref.shape[1])], dim=0)
+    tokens = torch.cat([tokens, tokens.new_zeros(b, pad)], dim=1)
+    tokens = torch.cat([tokens, tokens[:1].expand(extra, -1)], dim=0)
+    mask, old, ref = (widen(t, extra, pad) for t in (mask, old, ref))
+    adv = torch.cat([adv, adv.new_zeros(extra)])
     out = []
     for s in range(0, tokens.shape[0], mbs):
         sl = slice(s, s + mbs)
@@ -222,7 +249,7 @@ def make_micro_batches(
                 tokens=tokens[sl, :-1],
                 labels=tokens[sl, 1:],
                 loss_mask=mask[sl],
-                old_logprobs=old[sl],
+                old_logprobs=None if old is None else old[sl],
                 advantages=adv[sl],
                 ref_logprobs=None if ref is None else ref[sl],
             )
@@ -348,9 +375,11 @@ def grpo_step(
     )
     keep = keep_groups.repeat_interleave(group)
     spec = LogprobSpec.of(cfg.sampling, vocab_size)
-    old = sequence_logprobs(
-        ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size, spec=spec
-    )
+    old = None
+    if not cfg.reuses_policy_logprobs:
+        old = sequence_logprobs(
+            ddp_chunks, rollout.tokens, micro_batch_size=cfg.micro_batch_size, spec=spec
+        )
     ref = None
     if cfg.loss.kl_coef > 0:
         if reference is None:
@@ -376,7 +405,7 @@ def grpo_step(
         kept = Rollout(rollout.tokens[:1], rollout.prompt_lengths[:1], rollout.prompt_lengths[:1])
     micro = make_micro_batches(
         kept,
-        old[idx],
+        None if old is None else old[idx],
         torch.where(keep[idx], adv[idx], 0.0),
         None if ref is None else ref[idx],
         cfg.micro_batch_size,
