@@ -34,14 +34,17 @@ MODES = ("fft", "lora", "hybrid", "hybrid-random", "hybrid-gradnorm")
 
 @dataclass
 class ModeOptim:
-    """Learning rates of one mode: ``lr`` for full weights, ``lr x lora_lr_mult`` for adapters."""
+    """Learning rates of one mode: ``lr`` for full weights, ``lr x lora_lr_mult`` for adapters
+    (their B matrices ``loraplus_lr_ratio`` times that: LoRA+, off at 1)."""
 
     lr: float
     lora_lr_mult: float = 1.0
+    loraplus_lr_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         check_number("lr", self.lr, lambda v: v > 0, "> 0")
         check_number("lora_lr_mult", self.lora_lr_mult, lambda v: v > 0, "> 0")
+        check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, lambda v: v > 0, "> 0")
 
 
 def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dict[str, ModeOptim]:
@@ -56,7 +59,7 @@ def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dic
             out[mode] = value
             continue
         if not isinstance(value, dict):
-            raise ValueError(f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult")
+            raise ValueError(f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult / loraplus_lr_ratio")
         try:
             out[mode] = ModeOptim(**(asdict(defaults[mode]) | value))
         except ValueError as e:

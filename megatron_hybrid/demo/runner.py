@@ -654,6 +654,7 @@ def stage_optim(stage: str, stage_cfg: StageConfig, mode_optim: ModeOptim) -> Op
     return OptimConfig(
         lr=mode_optim.lr,
         lora_lr_mult=mode_optim.lora_lr_mult,
+        loraplus_lr_ratio=mode_optim.loraplus_lr_ratio,
         warmup_steps=getattr(stage_cfg, "warmup_steps", 0),
         decay="cosine" if stage == "sft" else "constant",
         clip_grad=stage_cfg.clip_grad,
@@ -769,7 +770,10 @@ def default_sweep_grid(
     for m in cfg.modes:
         rates = dict.fromkeys(lrs or [modes[m].lr / 3, modes[m].lr, modes[m].lr * 3])
         mults = dict.fromkeys(lora_mults if lora_mults and m != "fft" else [modes[m].lora_lr_mult])
-        grid[m] = [ModeOptim(lr=lr, lora_lr_mult=k) for lr in rates for k in mults]
+        ratio = modes[m].loraplus_lr_ratio
+        grid[m] = [
+            ModeOptim(lr=lr, lora_lr_mult=k, loraplus_lr_ratio=ratio) for lr in rates for k in mults
+        ]
     return grid
 
 

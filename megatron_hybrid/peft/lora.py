@@ -192,9 +192,10 @@ class LoRAParallelLinear(torch.nn.Module):
         return torch.nn.Parameter(t.to(device=w.device, dtype=w.dtype).contiguous())
 
     def _tag_adapters(self) -> None:
-        # Lets optimizers give adapters their own learning rate (Megatron ParamKey(attr=...)).
-        self.lora_A.is_lora_adapter = True
-        self.lora_B.is_lora_adapter = True
+        # Lets optimizers give adapters their own learning rate (Megatron ParamKey(attr=...)),
+        # A and B different ones (LoRA+).
+        self.lora_A.is_lora_adapter = self.lora_A.is_lora_a = True
+        self.lora_B.is_lora_adapter = self.lora_B.is_lora_b = True
 
     @property
     def weight(self) -> torch.Tensor:

@@ -56,6 +56,10 @@ class OptimConfig:
     0 disables it. On CPU it runs through :mod:`megatron_hybrid.runtime.cpu_compat`."""
     lora_lr_mult: float = 1.0
     """Learning-rate multiplier of LoRA adapter parameters (LoRA usually wants ~10x the FFT rate)."""
+    loraplus_lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al., 2024; PEFT's ``loraplus_lr_ratio``): the B matrices learn at this many
+    times the A matrices' rate (``lr x lora_lr_mult``); 1 is plain LoRA, the paper suggests ~16
+    with a lower base rate."""
     warmup_steps: int = 0
     """Linear warm-up steps (see :func:`set_learning_rate`)."""
     decay: str = "constant"
@@ -68,6 +72,7 @@ class OptimConfig:
         check_number("optim.weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
         check_number("optim.clip_grad", self.clip_grad, lambda v: v >= 0, ">= 0")
         check_number("optim.lora_lr_mult", self.lora_lr_mult, lambda v: v > 0, "> 0")
+        check_number("optim.loraplus_lr_ratio", self.loraplus_lr_ratio, lambda v: v > 0, "> 0")
         check_int("optim.warmup_steps", self.warmup_steps, minimum=0)
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {self.decay!r}")
@@ -114,8 +119,9 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module]) -> list[DistributedDataParallel]
 def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfig):
     """Megatron's optimizer over the trainable parameters of DDP-wrapped chunks.
 
-    LoRA adapters (parameters tagged ``is_lora_adapter``) get their own parameter group with
-    ``max_lr = lr x lora_lr_mult``; :func:`set_learning_rate` applies the schedule to every group.
+    LoRA adapters get their own parameter groups: A matrices (tagged ``is_lora_a``) with
+    ``max_lr = lr x lora_lr_mult``, B matrices (``is_lora_b``) at ``loraplus_lr_ratio`` times that; :func:`set_learning_rate` applies the schedule to every
+    group.
     """
     config = chunks[0].config
     if config.bf16 and not torch.cuda.is_available():
@@ -137,15 +143,18 @@ def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfi
         use_distributed_optimizer=False,
     )
     overrides = None
-    if optim.lora_lr_mult != 1.0:
+    if optim.lora_lr_mult != 1.0 or optim.loraplus_lr_ratio != 1.0:
         from megatron.core.optimizer import ParamKey, get_standard_config_overrides
 
         overrides = dict(get_standard_config_overrides(opt_config) or {})
         lora_lr = optim.lr * optim.lora_lr_mult
-        overrides[ParamKey(attr="is_lora_adapter")] = {
+        b_lr = lora_lr * optim.loraplus_lr_ratio
+        # One key per matrix: a parameter matching several keys would get their overrides merged.
+        overrides[ParamKey(attr="is_lora_a")] = {
             "max_lr": lora_lr,
             "min_lr": lora_lr * optim.min_lr_ratio,
         }
+        overrides[ParamKey(attr="is_lora_b")] = {"max_lr": b_lr, "min_lr": b_lr * optim.min_lr_ratio}
     optimizer = get_megatron_optimizer(opt_config, list(chunks), config_overrides=overrides)
     set_learning_rate(optimizer, optim, step=0, total_steps=1)
     return optimizer
