@@ -208,6 +208,8 @@ def _policy_forward_step(loss_cfg: PolicyLossConfig, spec: LogprobSpec, data_ite
         count = normalizer_count(batch.loss_mask, loss_cfg)
         report = {"loss": torch.stack([loss.detach(), count.float()])}
         report.update({k: v.detach().float().reshape(()) for k, v in metrics.items()})
+        # A registered loss that does not say what its mean metrics average over: its tokens.
+        report.setdefault("stat_count", batch.loss_mask.sum().float())
         return loss, count.to(torch.int), report
 
     return nll, loss_func

@@ -14,6 +14,7 @@ from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import PeftSpec
 from megatron_hybrid.rl.generation import SamplingConfig
 from megatron_hybrid.rl.grpo import GRPOConfig, grpo_step
+from megatron_hybrid.rl.losses import register_policy_loss
 from megatron_hybrid.rl.rewards import register_reward_function
 from megatron_hybrid.train.step import OptimConfig, build_optimizer, wrap_ddp
 
@@ -35,21 +36,31 @@ def first_char_parity(completion: str, answer: str) -> float:
     return float(ord(completion[0]) % 2) if completion else 0.0
 
 
+@register_policy_loss("test_plain_policy_gradient")
+def plain_policy_gradient(logprobs, old_logprobs, advantages, mask, cfg, *, ref_logprobs=None,
+                          normalizer):  # fmt: skip
+    """A user's loss with only the metrics it cares about (no counts, no ``stat_count``)."""
+    m = mask.bool()
+    loss = -(torch.where(m, logprobs * advantages[:, None], 0.0)).sum() / normalizer
+    return loss, {"pg_loss": loss.detach(), "logprob_mean": logprobs[m].mean().detach()}
+
+
 def _trainable(ddp) -> dict[str, torch.Tensor]:
     return {
         n: p.detach().clone() for n, p in ddp[0].module.named_parameters() if p.requires_grad
     }
 
 
-def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One GRPO step from the weights ``start`` with a fresh optimizer; the weights after it."""
+def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor], stats: list | None = None):
+    """One GRPO step from the weights ``start`` with a fresh optimizer; the weights after it
+    (its :class:`StepStats` appended to ``stats``)."""
     params = dict(ddp[0].module.named_parameters())
     with torch.no_grad():
         for n, w in start.items():
             params[n].copy_(w)
     tok = CharTokenizer()
     prompts = [(tok.encode(f"{i}+{i}="), str(2 * i)) for i in range(1, 5)]
-    grpo_step(
+    result = grpo_step(
         ddp,
         build_optimizer(ddp, OPTIM),
         prompts,
@@ -62,45 +73,64 @@ def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor]) -> dict[str, tor
         step=0,
         total_steps=1,
     )
+    if stats is not None:
+        stats.append(result)
     return _trainable(ddp)
+
+
+def _hybrid_ddp(parallel):
+    chunks = build_model(MODEL, parallel)
+    spec = PeftSpec(
+        fft_modules=["decoder.layers.1.mlp.linear_fc1"], lora=LoRAConfig(rank=2, b_init="gaussian")
+    )
+    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
+    return wrap_ddp(chunks)
+
+
+def _config(loss: str, **kw) -> GRPOConfig:
+    return GRPOConfig(
+        prompts_per_step=4,
+        group_size=4,
+        micro_batch_size=6,  # 16 rows: three micro-batches, the last padded
+        reward="test_first_char_parity",
+        sampling=SamplingConfig(temperature=0.8, max_new_tokens=4),
+        loss={"loss": loss},
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("loss", ["grpo", "gspo"])
 def test_on_policy_shortcut_gives_the_recomputed_update(single_rank_runtime, monkeypatch, loss):
     """With one update per rollout the update's own detached log-probabilities are the old ones:
     the same update as a separate old-log-prob pass, with one pass fewer."""
-    chunks = build_model(MODEL, single_rank_runtime)
-    spec = PeftSpec(
-        fft_modules=["decoder.layers.1.mlp.linear_fc1"], lora=LoRAConfig(rank=2, b_init="gaussian")
-    )
-    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
-    ddp = wrap_ddp(chunks)
+    ddp = _hybrid_ddp(single_rank_runtime)
     start = _trainable(ddp)
     passes = []
     real = grpo_module.sequence_logprobs
     monkeypatch.setattr(
         grpo_module, "sequence_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k)
     )
-
-    def config(**kw) -> GRPOConfig:
-        return GRPOConfig(
-            prompts_per_step=4,
-            group_size=4,
-            micro_batch_size=6,  # 16 rows: three micro-batches, the last padded
-            reward="test_first_char_parity",
-            sampling=SamplingConfig(temperature=0.8, max_new_tokens=4),
-            loss={"loss": loss},
-            **kw,
-        )
-
-    shortcut = _step(ddp, config(), start)
+    shortcut = _step(ddp, _config(loss), start)
     assert not passes
-    recomputed = _step(ddp, config(recompute_old_logprobs=True), start)
+    recomputed = _step(ddp, _config(loss, recompute_old_logprobs=True), start)
     assert len(passes) == 1
     moved = [n for n in start if not torch.equal(start[n], shortcut[n])]
     assert moved, "the step did not change the weights"
     for name, value in recomputed.items():
         torch.testing.assert_close(shortcut[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_registered_loss_with_only_its_own_metrics_trains(single_rank_runtime):
+    """Metrics are averaged over the response tokens when a loss gives no ``stat_count``."""
+    ddp = _hybrid_ddp(single_rank_runtime)
+    start = _trainable(ddp)
+    stats = []
+    after = _step(ddp, _config("test_plain_policy_gradient"), start, stats)
+    assert any(not torch.equal(start[n], after[n]) for n in start)
+    metrics = stats[0].metrics
+    assert set(metrics) == {"pg_loss", "logprob_mean", "grad_norm"}
+    assert metrics["pg_loss"] == pytest.approx(stats[0].loss)
+    assert metrics["logprob_mean"] < 0
 
 
 def test_recompute_flag_is_validated():
