@@ -40,7 +40,10 @@ def main() -> None:
     initialize_runtime(parallel, seed=0)
     chunks = build_model(demo.model, parallel)
     spec = PeftSpec(
-        fft_modules=["decoder.layers.0.self_attention.linear_qkv", "decoder.layers.0.mlp.linear_fc2"],
+        fft_modules=[
+            "decoder.layers.0.self_attention.linear_qkv",
+            "decoder.layers.0.mlp.linear_fc2",
+        ],
         lora=demo.lora,
     )
     apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
@@ -75,8 +78,10 @@ def main() -> None:
             if r:
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"GRPO step, {base.prompts_per_step} prompts x {base.group_size} samples, "
-          f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")
+    print(
+        f"GRPO step, {base.prompts_per_step} prompts x {base.group_size} samples, "
+        f"{args.repeats} repeats, torch threads {torch.get_num_threads()}"
+    )
     for name, v in med.items():
         print(f"  {name:9s} median {v * 1e3:7.1f} ms")
     print(f"  recompute / shortcut = {med['recompute'] / med['shortcut']:.3f}")

@@ -59,7 +59,9 @@ def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dic
             out[mode] = value
             continue
         if not isinstance(value, dict):
-            raise ValueError(f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult / loraplus_lr_ratio")
+            raise ValueError(
+                f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult / loraplus_lr_ratio"
+            )
         try:
             out[mode] = ModeOptim(**(asdict(defaults[mode]) | value))
         except ValueError as e:

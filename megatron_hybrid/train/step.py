@@ -154,7 +154,10 @@ def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfi
             "max_lr": lora_lr,
             "min_lr": lora_lr * optim.min_lr_ratio,
         }
-        overrides[ParamKey(attr="is_lora_b")] = {"max_lr": b_lr, "min_lr": b_lr * optim.min_lr_ratio}
+        overrides[ParamKey(attr="is_lora_b")] = {
+            "max_lr": b_lr,
+            "min_lr": b_lr * optim.min_lr_ratio,
+        }
     optimizer = get_megatron_optimizer(opt_config, list(chunks), config_overrides=overrides)
     set_learning_rate(optimizer, optim, step=0, total_steps=1)
     return optimizer

@@ -46,9 +46,7 @@ def plain_policy_gradient(logprobs, old_logprobs, advantages, mask, cfg, *, ref_
 
 
 def _trainable(ddp) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().clone() for n, p in ddp[0].module.named_parameters() if p.requires_grad
-    }
+    return {n: p.detach().clone() for n, p in ddp[0].module.named_parameters() if p.requires_grad}
 
 
 def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor], stats: list | None = None):

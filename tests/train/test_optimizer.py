@@ -44,7 +44,9 @@ def test_first_adam_step_moves_each_kind_by_its_rate(single_rank_runtime, mult, 
     opt = build_optimizer(ddp, optim)
     params = {n: p for n, p in ddp[0].module.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
-    batch = make_sft_batch(ArithTask().sample(4, torch.Generator().manual_seed(0)), CharTokenizer(), 16)
+    batch = make_sft_batch(
+        ArithTask().sample(4, torch.Generator().manual_seed(0)), CharTokenizer(), 16
+    )
     lm_forward_backward(ddp, [batch])
     ok, _, _ = opt.step()
     assert ok
