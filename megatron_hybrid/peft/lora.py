@@ -192,8 +192,9 @@ class LoRAParallelLinear(torch.nn.Module):
         return torch.nn.Parameter(t.to(device=w.device, dtype=w.dtype).contiguous())
 
     def _tag_adapters(self) -> None:
-        # Lets optimizers give adapters their own learning rate (Megatron ParamKey(attr=...)),
-        # A and B different ones (LoRA+).
+        # Tags for Megatron's ParamKey(attr=...): ``is_lora_adapter`` marks both matrices (for a
+        # user's own optimizer overrides); build_optimizer keys on ``is_lora_a`` / ``is_lora_b``,
+        # which tell them apart (LoRA+).
         self.lora_A.is_lora_adapter = self.lora_A.is_lora_a = True
         self.lora_B.is_lora_adapter = self.lora_B.is_lora_b = True
 

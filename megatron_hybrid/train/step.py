@@ -120,8 +120,8 @@ def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfi
     """Megatron's optimizer over the trainable parameters of DDP-wrapped chunks.
 
     LoRA adapters get their own parameter groups: A matrices (tagged ``is_lora_a``) with
-    ``max_lr = lr x lora_lr_mult``, B matrices (``is_lora_b``) at ``loraplus_lr_ratio`` times that; :func:`set_learning_rate` applies the schedule to every
-    group.
+    ``max_lr = lr x lora_lr_mult``, B matrices (``is_lora_b``) at ``loraplus_lr_ratio`` times
+    that; :func:`set_learning_rate` applies the schedule to every group.
     """
     config = chunks[0].config
     if config.bf16 and not torch.cuda.is_available():

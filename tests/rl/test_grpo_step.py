@@ -7,26 +7,13 @@ import torch
 
 import megatron_hybrid.rl.grpo as grpo_module
 from megatron_hybrid.data.arith import CharTokenizer
-from megatron_hybrid.models.config import ModelConfig
-from megatron_hybrid.models.provider import build_model
-from megatron_hybrid.peft.apply import apply_hybrid_plan, candidate_names
-from megatron_hybrid.peft.config import LoRAConfig
-from megatron_hybrid.peft.plan import PeftSpec
 from megatron_hybrid.rl.generation import SamplingConfig
 from megatron_hybrid.rl.grpo import GRPOConfig, grpo_step
 from megatron_hybrid.rl.losses import register_policy_loss
 from megatron_hybrid.rl.rewards import register_reward_function
-from megatron_hybrid.train.step import OptimConfig, build_optimizer, wrap_ddp
+from megatron_hybrid.train.step import OptimConfig, build_optimizer
+from tests.tiny_hybrid import tiny_hybrid_ddp
 
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=20,
-    max_sequence_length=16,
-)
 OPTIM = OptimConfig(lr=1e-2)
 
 
@@ -76,15 +63,6 @@ def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor], stats: list | No
     return _trainable(ddp)
 
 
-def _hybrid_ddp(parallel):
-    chunks = build_model(MODEL, parallel)
-    spec = PeftSpec(
-        fft_modules=["decoder.layers.1.mlp.linear_fc1"], lora=LoRAConfig(rank=2, b_init="gaussian")
-    )
-    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
-    return wrap_ddp(chunks)
-
-
 def _config(loss: str, **kw) -> GRPOConfig:
     return GRPOConfig(
         prompts_per_step=4,
@@ -101,7 +79,7 @@ def _config(loss: str, **kw) -> GRPOConfig:
 def test_on_policy_shortcut_gives_the_recomputed_update(single_rank_runtime, monkeypatch, loss):
     """With one update per rollout the update's own detached log-probabilities are the old ones:
     the same update as a separate old-log-prob pass, with one pass fewer."""
-    ddp = _hybrid_ddp(single_rank_runtime)
+    ddp = tiny_hybrid_ddp(single_rank_runtime)
     start = _trainable(ddp)
     passes = []
     real = grpo_module.sequence_logprobs
@@ -120,7 +98,7 @@ def test_on_policy_shortcut_gives_the_recomputed_update(single_rank_runtime, mon
 
 def test_a_registered_loss_with_only_its_own_metrics_trains(single_rank_runtime):
     """Metrics are averaged over the response tokens when a loss gives no ``stat_count``."""
-    ddp = _hybrid_ddp(single_rank_runtime)
+    ddp = tiny_hybrid_ddp(single_rank_runtime)
     start = _trainable(ddp)
     stats = []
     after = _step(ddp, _config("test_plain_policy_gradient"), start, stats)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.plan import ModuleDecision
 from megatron_hybrid.scoring import plan_io
@@ -28,16 +27,8 @@ from megatron_hybrid.scoring.plan_io import (
 )
 from megatron_hybrid.scoring.run import ScoreConfig, describe
 from megatron_hybrid.scoring.selection import SelectionConfig
+from tests.tiny_hybrid import MODEL
 
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=32,
-    max_sequence_length=16,
-)
 LORA = LoRAConfig(rank=4, alpha=8.0)
 
 

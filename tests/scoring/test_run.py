@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron_hybrid.data.arith import ArithTask
-from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.runtime.distributed import ParallelConfig
 from megatron_hybrid.scoring.calibration import (
@@ -34,16 +33,8 @@ from megatron_hybrid.scoring.run import (
 )
 from megatron_hybrid.scoring.selection import Candidate, SelectionConfig, select_fft_modules
 from megatron_hybrid.train.quickstart import RunConfig
+from tests.tiny_hybrid import MODEL
 
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=32,
-    max_sequence_length=16,
-)
 RUN = RunConfig(global_batch_size=4, micro_batch_size=2, seq_length=16)
 LORA_RANK = 4
 # Full shapes [out, in]: qkv = h + 2 x groups x head_dim, SwiGLU fc1 = 2 x ffn.

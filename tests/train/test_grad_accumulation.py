@@ -9,36 +9,17 @@ from __future__ import annotations
 import torch
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
-from megatron_hybrid.models.config import ModelConfig
-from megatron_hybrid.models.provider import build_model
-from megatron_hybrid.peft.apply import apply_hybrid_plan, candidate_names
-from megatron_hybrid.peft.config import LoRAConfig
-from megatron_hybrid.peft.plan import PeftSpec
 from megatron_hybrid.rl.generation import Rollout
 from megatron_hybrid.rl.grpo import make_micro_batches, policy_update
 from megatron_hybrid.rl.losses import PolicyLossConfig
-from megatron_hybrid.runtime.distributed import ParallelConfig
-from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
+from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_backward
+from tests.tiny_hybrid import tiny_hybrid_ddp
 
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=32,
-    max_sequence_length=16,
-)
 TINY_LR = OptimConfig(lr=1e-12)  # weights effectively unchanged between the two passes
 
 
 def _ddp():
-    chunks = build_model(MODEL, ParallelConfig())
-    spec = PeftSpec(
-        fft_modules=["decoder.layers.1.mlp.linear_fc1"], lora=LoRAConfig(rank=2, b_init="gaussian")
-    )
-    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
-    ddp = wrap_ddp(chunks)
+    ddp = tiny_hybrid_ddp()
     return ddp, build_optimizer(ddp, TINY_LR)
 
 

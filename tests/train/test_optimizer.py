@@ -6,23 +6,8 @@ import pytest
 import torch
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
-from megatron_hybrid.models.config import ModelConfig
-from megatron_hybrid.models.provider import build_model
-from megatron_hybrid.peft.apply import apply_hybrid_plan, candidate_names
-from megatron_hybrid.peft.config import LoRAConfig
-from megatron_hybrid.peft.plan import PeftSpec
-from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_backward, wrap_ddp
-
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=32,
-    max_sequence_length=16,
-)
-FFT = "decoder.layers.1.mlp.linear_fc1"
+from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_backward
+from tests.tiny_hybrid import tiny_hybrid_ddp
 
 
 def _kind(name: str) -> str:
@@ -35,10 +20,7 @@ def _kind(name: str) -> str:
 def test_first_adam_step_moves_each_kind_by_its_rate(single_rank_runtime, mult, ratio):
     """Adam's first step moves every element with a nonzero gradient by about its group's rate
     (m / sqrt(v) = sign(g)), so the step sizes show the rate each parameter really got."""
-    chunks = build_model(MODEL, single_rank_runtime)
-    spec = PeftSpec(fft_modules=[FFT], lora=LoRAConfig(rank=2, b_init="gaussian"))
-    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
-    ddp = wrap_ddp(chunks)
+    ddp = tiny_hybrid_ddp(single_rank_runtime)
     lr = 1e-3
     optim = OptimConfig(lr=lr, lora_lr_mult=mult, loraplus_lr_ratio=ratio, weight_decay=0.0)
     opt = build_optimizer(ddp, optim)
