@@ -282,6 +282,39 @@ class LoRAParallelLinear(torch.nn.Module):
         return sd
 
 
+def layernorm_linear_forward(base: torch.nn.Module, x: torch.Tensor, *args, **kwargs):
+    """Run a fused LayerNorm + column-parallel linear (TE) so that it also returns ``ln(x)``.
+
+    Returns ``(out, bias, ln_out)``; ``ln_out`` is shaped and sharded like ``x`` (``[s/t, b, in]``
+    under sequence parallelism, ``[s, b, in]`` otherwise), so the adapter treats it exactly like a
+    local layer's input. The sequence-gathered variant (``return_layernorm_output_gathered``) is
+    not used: TE adds the gradient of a non-gathered ``ln_out`` after its own reduce-scatter /
+    all-reduce, which needs the complete gradient of this rank's shard (what the adapter's
+    sequence gather of its rank-``r`` activations gives), while for the gathered variant it expects
+    a partial sum before the reduce-scatter with sequence parallelism and drops it without. The
+    flags are set for this call only, so a merged or disabled adapter gets the base's plain
+    ``(out, bias)``.
+
+    Megatron's TE wrapper returns ``((out, ln_out), None)``, or ``(out, bias, ln_out)`` when it
+    returns the bias (``te_return_bias``).
+    """
+    flags = ("return_layernorm_output", "return_layernorm_output_gathered")
+    saved = {f: getattr(base, f) for f in flags if hasattr(base, f)}
+    base.return_layernorm_output = True
+    if "return_layernorm_output_gathered" in saved:
+        base.return_layernorm_output_gathered = False
+    try:
+        result = base(x, *args, **kwargs)
+    finally:
+        for f, v in saved.items():
+            setattr(base, f, v)
+    if getattr(base, "te_return_bias", False):
+        out, bias, ln_out = result
+    else:
+        (out, ln_out), bias = result
+    return out, bias, ln_out
+
+
 def validate_rank(name: str, rank: int, in_features: int, out_features: int) -> None:
     """Raise ``ValueError`` naming ``name`` when ``rank`` is not usable for an ``out x in`` weight."""
     check_int(f"{name}: LoRA rank", rank)
@@ -329,18 +362,14 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         base = self.base_layer
-        if isinstance(base, _TE_LN) and self._active():
-            base.return_layernorm_output = True
-            base.return_layernorm_output_gathered = True
-            (out, ln_out), bias = base(x, *args, **kwargs)
-            x_in, gathered = ln_out, True  # TE returns the normalised input, sequence-gathered
+        if not self._active():
+            return base(x, *args, **kwargs)
+        if isinstance(base, _TE_LN):  # the adapter reads the normalised input, as the base does
+            out, bias, h = layernorm_linear_forward(base, x, *args, **kwargs)
         else:
             out, bias = base(x, *args, **kwargs)
-            x_in, gathered = x, False
-        if not self._active():
-            return out, bias
-        seq_sharded = self.sequence_parallel and not gathered
-        h = x_in
+            h = x
+        seq_sharded = self.sequence_parallel
         if self.lora_config.dropout_position == "pre":
             h = self._dropout(h, sharded=seq_sharded)
         z = F.linear(h, self.lora_A)  # [s(/t), b, r]

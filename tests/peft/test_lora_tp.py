@@ -1,4 +1,5 @@
-"""LoRA wrappers at TP=2 against the same layer at TP=1 (outputs and every gradient, fp32 1e-5)."""
+"""LoRA wrappers at TP=2 against the same layer at TP=1 (outputs and every gradient, fp32 1e-5),
+including a stand-in for TE's fused LayerNorm + column linear (see the worker's docstring)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.multirank
 
 CASES = [
     f"{kind} sp={sp} train_base={tb} bias={bias} skip_bias_add={sba}"
-    for kind in ("column", "gated", "row")
+    for kind in ("column", "gated", "row", "layernorm_column")
     for sp, tb, bias, sba in (
         (False, False, False, False),
         (True, False, False, False),

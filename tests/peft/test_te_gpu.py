@@ -68,15 +68,34 @@ def test_lora_around_te_layer_matches_plain_formula(te_runtime, kind):
     lora = wrapper(
         base, LoRAConfig(rank=4, alpha=8, b_init="gaussian"), name=f"te.{kind}", tp_group=None
     )
-    x = torch.randn(8, 2, 64, device="cuda")
+    x = torch.randn(8, 2, 64, device="cuda", requires_grad=True)
     out, _ = lora(x)
-    inp = x
+    dy = torch.randn_like(out)
+    (out * dy).sum().backward()
+    got_dx, got_da = x.grad.clone(), lora.lora_A.grad.clone()
+
+    # The same formula in plain torch ops, with its own autograd.
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = lora.lora_A.detach().clone().requires_grad_(True)
+    inp = x_ref
     if kind == "layernorm_column":
         inp = torch.nn.functional.layer_norm(
-            x, (64,), base.layer_norm_weight, base.layer_norm_bias, cfg.layernorm_epsilon
+            x_ref,
+            (64,),
+            base.layer_norm_weight.detach(),
+            base.layer_norm_bias.detach(),
+            cfg.layernorm_epsilon,
         )
-    want = inp @ base.weight.T + lora.scaling * (inp @ lora.lora_A.T) @ lora.lora_B.T
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    w, b_mat = base.weight.detach(), lora.lora_B.detach()
+    want = inp @ w.T + lora.scaling * (inp @ a_ref.T) @ b_mat.T
+    (want * dy).sum().backward()
+    torch.testing.assert_close(out.detach(), want.detach(), rtol=1e-4, atol=1e-4)
+    # The input gradient includes the adapter's path (through ln(x) for the fused layer).
+    torch.testing.assert_close(got_dx, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_da, a_ref.grad, rtol=1e-4, atol=1e-4)
+    # A merged adapter gets the base's plain (out, bias) back, after a forward with adapters on.
     lora.merge()
-    merged, _ = lora(x)
-    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        merged, _ = lora(x)
+    assert torch.is_tensor(merged)
+    torch.testing.assert_close(merged, want.detach(), rtol=1e-4, atol=1e-4)

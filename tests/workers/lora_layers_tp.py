@@ -6,6 +6,13 @@ weights; the adapters come from the same seed (their init is layout-independent)
 gradient, adapter gradients and (for a trainable base) weight gradients are compared shard by shard.
 Then the TP=2 layer is merged and must give the same output as unmerged.
 
+The ``layernorm_column`` cases wrap a stand-in for Transformer Engine's fused LayerNorm + column
+linear (``TELayerNormColumnParallelLinear``; TE is not installed on CPU machines): it follows the
+return contract of Megatron's TE wrapper (``((out, ln_out), None)``, or ``(out, bias, ln_out)`` when
+it returns the bias) and TE's gradient rule for a returned, non-gathered ``ln_out`` (added after the
+layer's own reduce-scatter / all-reduce). The adapter must read ``ln(x)``, and a merged adapter
+must get the plain ``(out, bias)`` back.
+
 Prints ``OK <case>`` per case; any mismatch raises (nonzero exit).
 """
 
@@ -18,12 +25,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 
+from megatron_hybrid.peft import lora as lora_module
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.peft.lora import LoRAColumnParallelLinear, LoRARowParallelLinear, _shard_rows
 from megatron_hybrid.runtime.distributed import ParallelConfig, initialize_runtime
 
 S, B, IN, OUT, R = 8, 2, 16, 24, 4
+KINDS = ("column", "gated", "row", "layernorm_column")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -37,11 +50,63 @@ def _config(sp: bool, tp: int) -> ModelParallelConfig:
     )
 
 
+class FakeTELayerNormColumnParallelLinear(torch.nn.Module):
+    """RMSNorm then a column-parallel linear, with the call contract of Megatron's TE wrapper.
+
+    ``return_layernorm_output`` returns this rank's ``ln(x)`` (``[s/t, b, in]`` under sequence
+    parallelism); its gradient joins the layer's own input gradient after the sequence
+    reduce-scatter, as in TE. The gathered variant is refused: LoRA must not rely on it.
+    """
+
+    def __init__(self, cfg, group, w, b, ln_w, te_return_bias: bool):
+        super().__init__()
+        self.config, self.tp_group = cfg, group
+        self.weight = torch.nn.Parameter(w.clone())
+        self.bias = torch.nn.Parameter(b.clone()) if b is not None else None
+        self.layer_norm_weight = torch.nn.Parameter(ln_w.clone())
+        self.layer_norm_weight.sequence_parallel = cfg.sequence_parallel
+        self.te_return_bias = te_return_bias
+        self.return_layernorm_output = False
+        self.return_layernorm_output_gathered = False
+
+    def forward(self, x):
+        if self.return_layernorm_output_gathered:
+            raise AssertionError("LoRA asked TE for the sequence-gathered layernorm output")
+        ln = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * self.layer_norm_weight
+        if self.config.sequence_parallel:
+            total = gather_from_sequence_parallel_region(
+                ln, tensor_parallel_output_grad=True, group=self.tp_group
+            )
+        else:
+            total = copy_to_tensor_model_parallel_region(ln, group=self.tp_group)
+        out = torch.nn.functional.linear(total, self.weight)
+        bias = self.bias
+        if bias is not None and not self.te_return_bias:
+            out, bias = out + bias, None
+        if self.te_return_bias:
+            return (out, bias, ln) if self.return_layernorm_output else (out, bias)
+        return ((out, ln) if self.return_layernorm_output else out), None
+
+
+def _layernorm(x, ln_w):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * ln_w
+
+
 def _build(kind: str, sp: bool, group, w_full, b_full, bias: bool, skip_bias_add: bool):
     tp, rank = group.size(), group.rank()
     cfg = _config(sp, tp)
     init = torch.nn.init.zeros_
-    if kind == "row":
+    if kind == "layernorm_column":
+        ln_w = 1 + 0.1 * torch.arange(IN, dtype=torch.float32) / IN
+        base = FakeTELayerNormColumnParallelLinear(
+            cfg,
+            group,
+            _shard_rows(w_full, rank, tp, False),
+            _shard_rows(b_full.unsqueeze(1), rank, tp, False).squeeze(1) if bias else None,
+            ln_w,
+            te_return_bias=skip_bias_add,
+        )
+    elif kind == "row":
         base = RowParallelLinear(
             IN,
             OUT,
@@ -67,10 +132,11 @@ def _build(kind: str, sp: bool, group, w_full, b_full, bias: bool, skip_bias_add
         )
         w = _shard_rows(w_full, rank, tp, kind == "gated")
         b = _shard_rows(b_full.unsqueeze(1), rank, tp, kind == "gated").squeeze(1)
-    with torch.no_grad():
-        base.weight.copy_(w)
-        if bias:
-            base.bias.copy_(b)
+    if kind != "layernorm_column":
+        with torch.no_grad():
+            base.weight.copy_(w)
+            if bias:
+                base.bias.copy_(b)
     lora = LoRAConfig(rank=R, alpha=8.0, a_init="kaiming", b_init="gaussian")
     cls = LoRARowParallelLinear if kind == "row" else LoRAColumnParallelLinear
     return cls(
@@ -104,9 +170,7 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
     solo = dist.new_group([dist.get_rank()], backend="gloo")
     tp, rank = tp_group.size(), tp_group.rank()
     # Same data on every rank (never seed from hash(): it is randomised per process).
-    g = torch.Generator().manual_seed(
-        1000 + 100 * ("column", "gated", "row").index(kind) + 10 * sp + train_base
-    )
+    g = torch.Generator().manual_seed(1000 + 100 * KINDS.index(kind) + 10 * sp + train_base)
     w_full = torch.randn(OUT, IN, generator=g)
     b_full = torch.randn(OUT, generator=g)
     x_full = torch.randn(S, B, IN, generator=g)
@@ -115,11 +179,20 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
     ref = _build(kind, sp, solo, w_full, b_full, bias, skip_bias_add)
     par = _build(kind, sp, tp_group, w_full, b_full, bias, skip_bias_add)
     for m in (ref, par):
-        m.base_layer.weight.requires_grad_(train_base)
-        if m.base_layer.bias is not None:
-            m.base_layer.bias.requires_grad_(train_base)
+        for p in m.base_layer.parameters():
+            p.requires_grad_(train_base)
 
     y_ref, dx_ref = _run(ref, x_full, dy_full, skip_bias_add)
+    if kind == "layernorm_column":  # the TP=1 layer against the formula: the adapter reads ln(x)
+        h = _layernorm(x_full, ref.base_layer.layer_norm_weight.detach())
+        want = h @ w_full.T + ref.scaling * (h @ ref.lora_A.detach().T) @ ref.lora_B.detach().T
+        if bias:
+            want = want + b_full
+        if not torch.allclose(y_ref, want, **TOL):
+            raise AssertionError(f"{kind}: TP=1 output is not ln(x) W^T + s ln(x) A^T B^T")
+        base = ref.base_layer
+        if base.return_layernorm_output or base.return_layernorm_output_gathered:
+            raise AssertionError(f"{kind}: the TE layer's layernorm-output flags were left set")
 
     # Inputs and upstream grads as this rank sees them.
     if kind == "row":
@@ -187,7 +260,8 @@ def run_case(kind: str, sp: bool, train_base: bool, bias: bool, skip_bias_add: b
 
 def main() -> int:
     initialize_runtime(ParallelConfig(tensor_model_parallel_size=2), seed=3)
-    for kind in ("column", "gated", "row"):
+    lora_module._TE_LN = (FakeTELayerNormColumnParallelLinear,)
+    for kind in KINDS:
         for sp in (False, True):
             run_case(kind, sp, train_base=False, bias=False, skip_bias_add=False)
         run_case(kind, False, train_base=True, bias=True, skip_bias_add=False)
