@@ -2,8 +2,10 @@
 
 Works under ``torchrun`` (reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and as a plain single process (a one-rank gloo group on a free local port).
-Backend: ``nccl`` when CUDA is available, ``gloo`` otherwise; on CPU-only machines the
-compatibility patches of :mod:`megatron_hybrid.runtime.cpu_compat` are applied first.
+Backend: with CUDA, NCCL for CUDA tensors and gloo for CPU tensors (``cpu:gloo,cuda:nccl``: the
+small bookkeeping collectives, such as token counts, metrics and sampled token ids, run on CPU
+tensors); ``gloo`` without CUDA, where the compatibility patches of
+:mod:`megatron_hybrid.runtime.cpu_compat` are applied first.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard activations outside the TP regions along the sequence (needs TP > 1)."""
     backend: str | None = None
-    """``nccl`` or ``gloo``; None picks nccl with CUDA, gloo without."""
+    """``nccl`` or ``gloo``; None picks nccl with CUDA, gloo without. ``nccl`` also brings up gloo
+    for CPU tensors (``cpu:gloo,cuda:nccl``; see :func:`process_group_backend`)."""
     timeout_minutes: int = 30
     """Collective timeout."""
 
@@ -84,6 +87,21 @@ class ParallelConfig:
             )
 
 
+def process_group_backend(requested: str | None, cuda: bool) -> str:
+    """The ``torch.distributed`` backend string for ``parallel.backend``.
+
+    NCCL handles only CUDA tensors, and several collectives here reduce small CPU tensors
+    (counts, metrics, sampled token ids), so NCCL always comes with gloo for CPU tensors, as in
+    verl. Megatron's groups inherit the pair (they are created with ``backend=None``).
+    """
+    name = requested or ("nccl" if cuda else "gloo")
+    if name == "nccl":
+        if not cuda:
+            raise ValueError("parallel.backend=nccl needs CUDA; use gloo (or null) on CPU")
+        return "cpu:gloo,cuda:nccl"
+    return name
+
+
 def device() -> torch.device:
     """The device this rank computes on (its local GPU, or the CPU)."""
     if torch.cuda.is_available():
@@ -103,7 +121,7 @@ def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not cuda:
         apply_cpu_compat_patches()
     if not dist.is_initialized():
-        backend = parallel.backend or ("nccl" if cuda else "gloo")
+        backend = process_group_backend(parallel.backend, cuda)
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = timedelta(minutes=parallel.timeout_minutes)

@@ -43,3 +43,19 @@ def test_without_launcher_env_drops_exactly_the_rendezvous_variables():
         "MASTER_ADDR",
         "MASTER_PORT",
     }
+
+
+def test_nccl_always_comes_with_gloo_for_cpu_tensors():
+    import torch.distributed as dist
+
+    from megatron_hybrid.runtime.distributed import process_group_backend
+
+    assert process_group_backend(None, cuda=False) == "gloo"
+    assert process_group_backend("gloo", cuda=True) == "gloo"
+    for requested in (None, "nccl"):
+        name = process_group_backend(requested, cuda=True)
+        # torch's own parser: CPU tensors go to gloo, CUDA tensors to NCCL.
+        config = dist.distributed_c10d.BackendConfig(dist.Backend(name))
+        assert config.get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    with pytest.raises(ValueError, match=r"parallel\.backend=nccl needs CUDA"):
+        process_group_backend("nccl", cuda=False)
