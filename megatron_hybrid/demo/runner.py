@@ -115,6 +115,8 @@ class RunResult:
     """GRPO: completions whose reward function raised or returned a non-number (scored 0)."""
     reward_timeouts: int = 0
     """GRPO: completions whose reward function ran out of time (scored 0)."""
+    reward_first_error: str | None = None
+    """GRPO: the first failed reward call (``step <s>: completion <i>: <type>: <message>``)."""
     checkpoint: str | None = None
     """Where the trained weights were saved (``run(save_dir=...)``), else None."""
 
@@ -522,6 +524,7 @@ class Demo:
         stage_cfg = cfg.sft if stage == "sft" else cfg.grpo
         torch.manual_seed(seed)
         reward_errors = reward_timeouts = 0
+        reward_first_error = None
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             chunks = self.fresh_model(stage)
@@ -584,6 +587,8 @@ class Demo:
                     reward_curve.append([step, stats.reward_mean])
                     reward_errors += stats.reward_errors
                     reward_timeouts += stats.reward_timeouts
+                    if reward_first_error is None and stats.reward_first_error is not None:
+                        reward_first_error = f"step {step}: {stats.reward_first_error}"
                     if stats.reward_errors or stats.reward_timeouts:
                         self._scalar(f"{tag}/reward_errors", stats.reward_errors, step)
                         self._scalar(f"{tag}/reward_timeouts", stats.reward_timeouts, step)
@@ -638,6 +643,7 @@ class Demo:
             fft_modules=plan.names("fft") if mode != "fft" else [],
             reward_errors=reward_errors,
             reward_timeouts=reward_timeouts,
+            reward_first_error=reward_first_error,
             checkpoint=None if saved is None else str(saved),
         )
 

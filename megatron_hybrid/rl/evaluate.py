@@ -9,7 +9,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hybrid.rl.generation import SamplingConfig, generate
-from megatron_hybrid.rl.rewards import get_reward_function, score_completions
+from megatron_hybrid.rl.reward_consensus import score_per_replica
+from megatron_hybrid.rl.rewards import get_reward_function
 
 __all__ = ["greedy_accuracy"]
 
@@ -49,7 +50,7 @@ def greedy_accuracy(
                 vocab_size=vocab_size,
             )
             texts = [decode(c) for c in rollout.completions()]
-            rewards, _ = score_completions(get_reward_function(reward), texts, [a for _, a in part])
+            rewards, _ = score_per_replica(get_reward_function(reward), texts, [a for _, a in part])
             correct += float((rewards == 1).sum())
     finally:
         for c, t in zip(chunks, was_training):

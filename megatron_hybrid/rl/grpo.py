@@ -37,7 +37,8 @@ from megatron_hybrid.rl.losses import (
     normalizer_count,
 )
 from megatron_hybrid.rl.reference import ReferencePolicy
-from megatron_hybrid.rl.rewards import get_reward_function, score_completions
+from megatron_hybrid.rl.reward_consensus import score_per_replica
+from megatron_hybrid.rl.rewards import get_reward_function
 from megatron_hybrid.train.step import (
     OptimConfig,
     run_schedule,
@@ -184,6 +185,8 @@ class StepStats:
     loss: float | None
     reward_errors: int = 0
     reward_timeouts: int = 0
+    reward_first_error: str | None = None
+    """This data-parallel rank's first failed reward call (``completion <i>: <type>: <message>``)."""
     kept_groups: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -368,7 +371,7 @@ def grpo_step(
         micro_batch_size=cfg.micro_batch_size,
     )
     texts = [decode(c) for c in rollout.completions()]
-    rewards, rstats = score_completions(get_reward_function(cfg.reward), texts, answers)
+    rewards, rstats = score_per_replica(get_reward_function(cfg.reward), texts, answers)
     adv = group_advantages(rewards, group, scale=cfg.scale_advantages)
     keep_groups = (
         dynamic_sampling_mask(rewards, group)
@@ -446,6 +449,7 @@ def grpo_step(
         loss=loss_value,
         reward_errors=int(errs),
         reward_timeouts=int(tos),
+        reward_first_error=rstats.first_error,
         kept_groups=int(kept_g),
         metrics=metrics,
     )

@@ -161,6 +161,11 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
             say(
                 f"warning: the reward function failed on {result.reward_errors} completions and "
                 f"timed out on {result.reward_timeouts} (each scored 0)"
+                + (
+                    f"; first error: {result.reward_first_error}"
+                    if result.reward_first_error
+                    else ""
+                )
             )
         out = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "result": asdict(result)}
         if rank0:

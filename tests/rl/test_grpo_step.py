@@ -63,12 +63,12 @@ def _step(ddp, cfg: GRPOConfig, start: dict[str, torch.Tensor], stats: list | No
     return _trainable(ddp)
 
 
-def _config(loss: str, **kw) -> GRPOConfig:
+def _config(loss: str, reward: str = "test_first_char_parity", **kw) -> GRPOConfig:
     return GRPOConfig(
         prompts_per_step=4,
         group_size=4,
         micro_batch_size=6,  # 16 rows: three micro-batches, the last padded
-        reward="test_first_char_parity",
+        reward=reward,
         sampling=SamplingConfig(temperature=0.8, max_new_tokens=4),
         loss={"loss": loss},
         **kw,
@@ -114,3 +114,22 @@ def test_recompute_flag_is_validated():
     assert not GRPOConfig(updates_per_rollout=2).reuses_policy_logprobs
     with pytest.raises(ValueError, match="grpo.recompute_old_logprobs must be true or false"):
         GRPOConfig(recompute_old_logprobs="yes")
+
+
+@register_reward_function("test_fails_on_odd_first_char")
+def fails_on_odd_first_char(completion: str, answer: str) -> float:
+    if completion and ord(completion[0]) % 2:
+        raise ZeroDivisionError(f"cannot score {completion!r}")
+    return 1.0
+
+
+def test_failed_reward_calls_are_counted_and_the_first_one_is_kept(single_rank_runtime):
+    ddp = tiny_hybrid_ddp(single_rank_runtime)
+    stats: list = []
+    _step(ddp, _config("grpo", reward="test_fails_on_odd_first_char"), _trainable(ddp), stats)
+    (result,) = stats
+    assert 0 < result.reward_errors < 16, result
+    assert result.reward_timeouts == 0
+    assert result.reward_first_error is not None
+    assert result.reward_first_error.startswith("completion ")
+    assert "ZeroDivisionError: cannot score" in result.reward_first_error
