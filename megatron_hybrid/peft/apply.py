@@ -135,7 +135,11 @@ def _validate(
     local: dict[str, ModuleRef],
     global_names: list[str],
     local_modules: dict[str, torch.nn.Module],
+    mp_group: dist.ProcessGroup | None = None,
 ) -> None:
+    """Raise on every rank of ``mp_group`` when any of them finds a problem with its modules (a
+    pipeline stage checks only the modules it holds), so no rank changes its modules and then
+    waits in a collective for a stage that raised."""
     known = set(global_names)
     problems: list[str] = [
         f"{name}: already wrapped with LoRA (a plan can be applied only once)"
@@ -181,6 +185,7 @@ def _validate(
                 validate_rank(name, rank, full_in, full_out)
             except ValueError as e:
                 problems.append(str(e))
+    problems = _gather_names(problems, mp_group)
     if problems:
         raise ValueError("invalid hybrid plan:\n  " + "\n  ".join(problems))
 
@@ -224,7 +229,7 @@ def apply_hybrid_plan(
     tp_group, pp_group, mp_group = _default_groups(tp_group, pp_group, mp_group)
     local = _linear_refs(chunks)
     local_modules = {r.name: r.module for r in walk_modules(chunks)}
-    _validate(plan, local, _gather_names(list(local), pp_group), local_modules)
+    _validate(plan, local, _gather_names(list(local), pp_group), local_modules, mp_group)
 
     for chunk in chunks:
         for p in chunk.parameters():

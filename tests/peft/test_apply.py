@@ -469,3 +469,11 @@ def test_wrapper_sharded_state_dict_works_without_metadata():
 def test_summary_is_a_plan_summary():
     chunks = build()
     assert isinstance(apply_hybrid_plan(chunks, hybrid_plan(chunks)), PlanSummary)
+
+
+@pytest.mark.multirank
+def test_a_plan_invalid_on_one_pipeline_stage_fails_on_every_stage_unapplied():
+    from tests.multirank import launch, worker_path
+
+    out = launch(worker_path("plan_validation_pp"), 2, timeout=180).stdout
+    assert "OK rank 0" in out and "OK rank 1" in out, out
