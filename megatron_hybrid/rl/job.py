@@ -199,12 +199,15 @@ def _check_reserved_characters(cfg: PostTrainConfig, *parts: PromptDataset) -> N
 
 
 def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
-    """Every row, before training: its answer suits the reward (the reward function must accept
-    the answer itself as a completion), the row fits ``seq_length``, and the answer plus the end
-    token fits the generation limit used for rollouts and evaluation."""
+    """Every row, before training: it tokenizes to a nonempty prompt, its answer suits the reward
+    (the reward function must accept the answer itself as a completion), the row fits
+    ``seq_length``, the answer plus the end token fits the generation limit used for rollouts and
+    evaluation, and with learned absolute positions a rollout fits ``model.max_sequence_length``."""
     reward_name = cfg.grpo.grpo.reward
     reward = get_reward_function(reward_name)
     limit = cfg.grpo.grpo.sampling.max_new_tokens
+    tp = cfg.parallel.tensor_model_parallel_size
+    learned_positions = cfg.model.position_embedding_type == "learned_absolute"
     for part in parts:
         for (prompt, answer), origin in zip(part, part.origins):
             try:
@@ -215,7 +218,12 @@ def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
                     f"{reward_name!r} ({e}); integer rewards need integer answers, "
                     "grpo.grpo.reward=math grades math answers"
                 ) from None
-            n_prompt, n_answer = len(tok.encode(prompt)), len(tok.encode(answer)) + 1
+            try:
+                n_prompt, n_answer = len(tok.encode(prompt)), len(tok.encode(answer)) + 1
+            except Exception as e:  # noqa: BLE001 - name the row whatever the tokenizer raises
+                raise ValueError(f"{origin}: cannot tokenize the row: {e}") from None
+            if n_prompt == 0:
+                raise ValueError(f"{origin}: the prompt {prompt!r:.80} has no tokens")
             need = n_prompt + n_answer - 1  # inputs of prompt + answer + end (make_sft_batch)
             if need > cfg.seq_length:
                 raise ValueError(
@@ -228,6 +236,14 @@ def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
                     f"{origin}: the answer needs {n_answer} tokens with the end token > "
                     f"grpo.grpo.sampling.max_new_tokens={limit}, the generation limit of the "
                     f"rollouts and the held-out evaluation; set it to at least {n_answer}"
+                )
+            width = -(-(n_prompt + limit - 1) // tp) * tp  # the widest input a rollout feeds
+            if learned_positions and width > cfg.model.max_sequence_length:
+                raise ValueError(
+                    f"{origin}: a rollout of the prompt ({n_prompt} tokens) with up to "
+                    f"grpo.grpo.sampling.max_new_tokens={limit} new tokens feeds {width} "
+                    f"positions > model.max_sequence_length={cfg.model.max_sequence_length}, "
+                    "where learned absolute position embeddings end"
                 )
 
 

@@ -158,6 +158,13 @@ def _bad_rows(data, name: str, rows: list[dict]):
         ({"q": "1" * 70 + "=", "a": 7}, [], "need 72 tokens > seq_length=64"),
         ({"q": "x_1+1=", "a": 2}, [], "contains '_', which the character tokenizer reserves"),
         ({"q": "3+4=", "a": "\\boxed{7}"}, ["grpo.grpo.reward=exact_int"], "does not suit"),
+        ({"q": "", "a": 7}, [], "the prompt '' has no tokens"),
+        ({"q": "3+4=?", "a": 7}, ["tokenizer=char"], "cannot tokenize the row: character '?'"),
+        (
+            {"q": "1" * 59 + "=", "a": 7},
+            ["model.position_embedding_type=learned_absolute"],
+            "feeds 65 positions > model.max_sequence_length=64",
+        ),
     ],
 )
 def test_rows_that_cannot_work_fail_before_training_with_their_row(data, bad_row, extra, message):
