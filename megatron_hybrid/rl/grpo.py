@@ -106,6 +106,12 @@ class GRPOConfig:
                 "grpo.recompute_old_logprobs must be true or false, "
                 f"got {self.recompute_old_logprobs!r}"
             )
+        if self.sampling.temperature == 0:
+            raise ValueError(
+                "grpo.sampling.temperature=0 samples every completion of a group greedily, so "
+                "their rewards are equal and every advantage is 0 (nothing trains); sample at a "
+                "temperature > 0 (the held-out evaluation is greedy either way)"
+            )
         get_reward_function(self.reward)
 
     @property

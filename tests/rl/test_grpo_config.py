@@ -79,3 +79,9 @@ def test_from_dict_rederives_the_scale_and_the_constant_normaliser():
 def test_bad_loss_sections_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         _loss(*overrides)
+
+
+def test_greedy_rollouts_are_refused():
+    with pytest.raises(ValueError, match=r"grpo.sampling.temperature=0 .* every advantage is 0"):
+        load_config(DemoConfig, None, ["grpo.grpo.sampling.temperature=0"])
+    assert GRPOConfig(sampling={"temperature": 0.5}).sampling.temperature == 0.5
