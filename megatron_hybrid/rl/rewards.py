@@ -99,7 +99,7 @@ def _canonical_int(text: str) -> tuple[bool, str]:
 
 
 # The first number of a completion, whole: thousands separators, a decimal part, a fraction.
-_FIRST_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_FIRST_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:/\d+)?")
 
 
 def _first_int(completion: str, end_token: str) -> tuple[bool, str] | None:

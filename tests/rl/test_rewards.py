@@ -50,6 +50,9 @@ except Exception:  # noqa: BLE001 - same guard as the module's
         ("12+3$", "12", 1.0),  # the first integer
         ("The answer is 42.", "42", 1.0),  # a full stop is not a decimal point
         ("1,000$", "1000", 1.0),  # thousands separators
+        ("1,234,567$", "1234567", 1.0),
+        ("1,0005$", "1000", 0.0),  # not a separator: four digits follow the comma
+        ("1,0005$", "1", 1.0),
         ("7.0$", "7", 1.0),  # a zero decimal part
         # A first number that is not an integer does not pass for its integer part.
         ("3.5$", "3", 0.0),
