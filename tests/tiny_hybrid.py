@@ -28,9 +28,10 @@ MODEL = ModelConfig(
 FFT_MODULE = "decoder.layers.1.mlp.linear_fc1"
 
 
-def tiny_hybrid_ddp(parallel: ParallelConfig | None = None) -> list:
+def tiny_hybrid_ddp(parallel: ParallelConfig | None = None, lora_dropout: float = 0.0) -> list:
     """The model's DDP-wrapped chunks with the plan applied (trainables only in DDP)."""
     chunks = build_model(MODEL, parallel or ParallelConfig())
-    spec = PeftSpec(fft_modules=[FFT_MODULE], lora=LoRAConfig(rank=2, b_init="gaussian"))
+    lora = LoRAConfig(rank=2, b_init="gaussian", dropout=lora_dropout)
+    spec = PeftSpec(fft_modules=[FFT_MODULE], lora=lora)
     apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
     return wrap_ddp(chunks)

@@ -84,6 +84,7 @@ __all__ = [
     "LoRAColumnParallelLinear",
     "LoRAParallelLinear",
     "LoRARowParallelLinear",
+    "adapter_dropout_disabled",
     "adapters_disabled",
     "iter_lora_modules",
     "parallel_mode_of",
@@ -436,6 +437,21 @@ class LoRARowParallelLinear(LoRAParallelLinear):
         if self.lora_config.dropout_position == "post":
             y = self._dropout(y, sharded=self.sequence_parallel)
         return out + y, bias
+
+
+@contextlib.contextmanager
+def adapter_dropout_disabled(chunks: Iterable[torch.nn.Module]):
+    """Train without adapter dropout inside the block (policy-gradient updates: the update's
+    log-probabilities must be those of the distribution that sampled, which had none)."""
+    modules = list(iter_lora_modules(chunks))
+    previous = [m.dropout for m in modules]
+    for m in modules:
+        m.dropout = None
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, previous):
+            m.dropout = d
 
 
 def iter_lora_modules(chunks: Iterable[torch.nn.Module]) -> Iterator[LoRAParallelLinear]:

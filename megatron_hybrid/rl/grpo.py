@@ -6,7 +6,9 @@ behaviour log-probabilities (and the reference's when a KL term is on), then run
 ``updates_per_rollout`` optimizer steps through Megatron's schedule with the clipped policy loss.
 The loss is a sum over each micro-batch normalised by a GLOBAL count (tokens, sequences or
 sequences x max length) via Megatron's ``calculate_per_token_loss`` path, so any micro-batch /
-data-parallel split gives the same update.
+data-parallel split gives the same update. The update runs without LoRA dropout: its
+log-probabilities must be those of the policy that sampled (in eval mode, without dropout), or the
+first update's ratio would differ from 1.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hybrid.config import check_int
+from megatron_hybrid.peft.lora import adapter_dropout_disabled
 from megatron_hybrid.rl.advantages import dynamic_sampling_mask, group_advantages
 from megatron_hybrid.rl.generation import (
     LogprobSpec,
@@ -425,19 +428,20 @@ def grpo_step(
     # Every DP rank runs the same number of schedule calls (DDP all-reduces inside); none when no
     # rank kept a group (an update would have no tokens to normalise by).
     if _dp_sum([float(keep_groups.sum())])[0] > 0:
-        for update in range(cfg.updates_per_rollout):
-            lv, mv = policy_update(
-                ddp_chunks,
-                optimizer,
-                micro,
-                cfg.loss,
-                optim,
-                step,
-                total_steps,
-                spec=spec,
-            )
-            if update == 0:
-                loss_value, metrics = lv, mv
+        with adapter_dropout_disabled(ddp_chunks):
+            for update in range(cfg.updates_per_rollout):
+                lv, mv = policy_update(
+                    ddp_chunks,
+                    optimizer,
+                    micro,
+                    cfg.loss,
+                    optim,
+                    step,
+                    total_steps,
+                    spec=spec,
+                )
+                if update == 0:
+                    loss_value, metrics = lv, mv
     n = len(texts)
     total_reward, exact, n_all, errs, tos, kept_g = _dp_sum(
         [

@@ -133,3 +133,15 @@ def test_failed_reward_calls_are_counted_and_the_first_one_is_kept(single_rank_r
     assert result.reward_first_error is not None
     assert result.reward_first_error.startswith("completion ")
     assert "ZeroDivisionError: cannot score" in result.reward_first_error
+
+
+def test_adapter_dropout_is_off_in_the_policy_update(single_rank_runtime):
+    """Old log-probabilities come from a pass without dropout; with adapter dropout in the update
+    the first update's ratio would not be 1 (spurious clipping)."""
+    ddp = tiny_hybrid_ddp(single_rank_runtime, lora_dropout=0.5)
+    stats: list = []
+    _step(ddp, _config("grpo", recompute_old_logprobs=True), _trainable(ddp), stats)
+    metrics = stats[0].metrics
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5), metrics
+    assert metrics["clip_frac"] == 0.0, metrics
+    assert ddp[0].module.decoder.layers[0].self_attention.linear_qkv.dropout is not None
