@@ -201,7 +201,9 @@ class LogprobSpec:
 
     GRPO's ratio and KL are only right for the policy that produced the rollouts, so the old, new
     and reference log-probabilities all use ``softmax(logits / temperature)`` over the real
-    vocabulary, as sampling does (TRL and verl scale by the temperature too).
+    vocabulary, as sampling does (TRL and verl scale by the temperature too). Top-p truncation is
+    not reflected (as in TRL and verl): with ``top_p < 1`` these are the log-probabilities of the
+    untruncated distribution.
     """
 
     temperature: float = 1.0
