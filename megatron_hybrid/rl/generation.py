@@ -120,6 +120,17 @@ def _last_stage_src(pp_group: dist.ProcessGroup) -> int:
     return ranks[-1]
 
 
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, first: int = 0) -> torch.Tensor:
+    """``logits [..., V_part]`` with the columns of Megatron's padding rows (vocabulary ids
+    ``>= vocab_size``) set to ``-inf``; ``first`` is the vocabulary id of column 0 (a TP shard
+    starts at ``tp_rank * V_part``). Returns ``logits`` itself when the part holds no padding."""
+    part = logits.shape[-1]
+    if first + part <= vocab_size:
+        return logits
+    ids = torch.arange(first, first + part, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
 def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
     """Token ids ``[B]`` from logits ``[B, V]`` (float32)."""
     if cfg.temperature == 0:
@@ -181,7 +192,7 @@ def generate(
             last_logits = logits[rows, (lengths - 1).to(logits.device)]  # [B, V/tp]
             last_logits = gather_from_tensor_model_parallel_region(last_logits).float().cpu()
             if vocab_size is not None:
-                last_logits[:, vocab_size:] = float("-inf")
+                last_logits = mask_padded_vocab(last_logits, vocab_size)
             nxt = _sample(last_logits, cfg, gen)
         if pp_group.size() > 1:
             dist.broadcast(nxt, src=_last_stage_src(pp_group), group=pp_group)
@@ -237,11 +248,8 @@ def token_nll(
         return out
     logits = out.float() / spec.temperature  # [b, s, V/tp], a new tensor
     if spec.vocab_size is not None:
-        part = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * part
-        if first + part > spec.vocab_size:  # this shard holds padding rows
-            ids = torch.arange(first, first + part, device=logits.device)
-            logits = logits.masked_fill(ids >= spec.vocab_size, float("-inf"))
+        first = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        logits = mask_padded_vocab(logits, spec.vocab_size, first)
     return vocab_parallel_cross_entropy(logits, labels)
 
 

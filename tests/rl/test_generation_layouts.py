@@ -55,3 +55,17 @@ def test_layout_matches_tp1(reference, layout):
     for key in ("logprobs", "logprobs_t07"):
         torch.testing.assert_close(got[key][mask], ref[key][mask], rtol=1e-5, atol=1e-5)
     assert got["sampled_equal"]
+
+
+def test_padding_rows_of_the_vocabulary_are_masked_per_shard():
+    import torch
+
+    from megatron_hybrid.rl.generation import mask_padded_vocab
+
+    logits = torch.arange(12.0).reshape(2, 6)  # ids first .. first + 5
+    whole = mask_padded_vocab(logits, vocab_size=4)
+    assert torch.isinf(whole[:, 4:]).all() and torch.equal(whole[:, :4], logits[:, :4])
+    assert mask_padded_vocab(logits, vocab_size=6) is logits
+    shard = mask_padded_vocab(logits, vocab_size=8, first=6)  # the second of two TP shards
+    assert torch.equal(shard[:, :2], logits[:, :2]) and torch.isinf(shard[:, 2:]).all()
+    assert mask_padded_vocab(logits, vocab_size=12, first=6) is logits
