@@ -16,6 +16,7 @@ from tests.multirank import REPO_ROOT
 EXAMPLES = REPO_ROOT / "examples"
 CONFIG_OF = {
     "demo.yaml": DemoConfig,
+    "demo_deep.yaml": DemoConfig,
     "grpo_custom.yaml": PostTrainConfig,
     "score.yaml": ScoreJobConfig,
     "tiny_hybrid.yaml": QuickstartConfig,
