@@ -440,18 +440,22 @@ class LoRARowParallelLinear(LoRAParallelLinear):
 
 
 @contextlib.contextmanager
-def adapter_dropout_disabled(chunks: Iterable[torch.nn.Module]):
-    """Train without adapter dropout inside the block (policy-gradient updates: the update's
-    log-probabilities must be those of the distribution that sampled, which had none)."""
-    modules = list(iter_lora_modules(chunks))
-    previous = [m.dropout for m in modules]
+def _set_on_each(modules: list[LoRAParallelLinear], attr: str, value):
+    """Set ``attr`` to ``value`` on every module inside the block; restore each one's own after."""
+    previous = [getattr(m, attr) for m in modules]
     for m in modules:
-        m.dropout = None
+        setattr(m, attr, value)
     try:
         yield
     finally:
-        for m, d in zip(modules, previous):
-            m.dropout = d
+        for m, v in zip(modules, previous):
+            setattr(m, attr, v)
+
+
+def adapter_dropout_disabled(chunks: Iterable[torch.nn.Module]):
+    """Train without adapter dropout inside the block (policy-gradient updates: the update's
+    log-probabilities must be those of the distribution that sampled, which had none)."""
+    return _set_on_each(list(iter_lora_modules(chunks)), "dropout", None)
 
 
 def iter_lora_modules(chunks: Iterable[torch.nn.Module]) -> Iterator[LoRAParallelLinear]:
@@ -469,11 +473,5 @@ def adapters_disabled(chunks: Iterable[torch.nn.Module]):
     merged = [m.name for m in modules if m.merged]
     if merged:
         raise RuntimeError(f"cannot disable merged adapters ({', '.join(merged)}); unmerge first")
-    previous = [m.adapters_enabled for m in modules]
-    for m in modules:
-        m.adapters_enabled = False
-    try:
+    with _set_on_each(modules, "adapters_enabled", False):
         yield
-    finally:
-        for m, p in zip(modules, previous):
-            m.adapters_enabled = p

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
-from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.rl.generation import SamplingConfig
 from megatron_hybrid.rl.grpo import GRPOConfig
@@ -14,16 +15,9 @@ from megatron_hybrid.runtime.distributed import ParallelConfig
 from megatron_hybrid.scoring.calibration import accumulate_gradients
 from megatron_hybrid.scoring.objectives import policy_gradient_source
 from megatron_hybrid.scoring.run import local_candidates
+from tests.tiny_hybrid import MODEL as TINY_MODEL
 
-MODEL = ModelConfig(
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=64,
-    vocab_size=32,
-    max_sequence_length=24,
-)
+MODEL = replace(TINY_MODEL, max_sequence_length=24)  # the shared tiny model, 24 positions
 
 
 def _length_reward(completion: str, answer: str, *, end_token: str = "$") -> float:
