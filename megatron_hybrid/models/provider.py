@@ -160,5 +160,22 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[GPTModel]:
         )
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
+        if config.recompute_granularity == "full":
+            gpt.decoder.register_forward_pre_hook(_decoder_input_requires_grad, with_kwargs=True)
         chunks.append(gpt)
     return chunks
+
+
+def _decoder_input_requires_grad(module, args, kwargs) -> None:
+    """Make the decoder's input require grad when autograd is on (full activation recompute).
+
+    Megatron's full recompute wraps each layer in a reentrant ``torch.autograd.Function`` whose
+    output requires grad only if one of its *tensor inputs* does; the layer's own parameters do
+    not count. With frozen embeddings (every hybrid and LoRA run, and gradient calibration) the
+    first stage's decoder input does not require grad, so the whole decoder would silently get no
+    gradients at all. This is the same fix as Hugging Face's ``enable_input_require_grads``; later
+    pipeline stages receive an input that already requires grad.
+    """
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
+        hidden.requires_grad_(True)

@@ -224,6 +224,28 @@ def test_one_step_changes_only_the_trainables_and_merge_matches_unmerged():
     torch.testing.assert_close(logits(chunks), unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_full_activation_recompute_trains_the_plan_like_plain_backprop():
+    """Frozen embeddings + Megatron's reentrant full recompute gave no gradient to any layer (the
+    decoder input did not require grad); the provider's hook fixes it. Same weights and plan, one
+    step each (no weight decay): the same trained weights, all of them changed."""
+    import dataclasses
+
+    plain = build()
+    recompute = build(dataclasses.replace(MODEL, recompute_granularity="full"))
+    recompute[0].load_state_dict(plain[0].state_dict())
+    for chunks in (plain, recompute):
+        apply_hybrid_plan(chunks, hybrid_plan(chunks))
+    trainable = expected_trainable(hybrid_plan(plain), plain)
+    before = {n: p.detach().clone() for n, p in plain[0].named_parameters() if n in trainable}
+    for chunks in (plain, recompute):
+        train_one_step(chunks)
+    got = dict(recompute[0].named_parameters())
+    for n, p in plain[0].named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+            torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_disabled_adapters_give_the_base_model_after_a_lora_only_step():
     chunks = build()
     base_logits = logits(chunks)

@@ -110,6 +110,24 @@ def test_accumulated_gradients_equal_plain_autograd(k):
         torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_full_activation_recompute_gives_the_same_gradients():
+    """Megatron's full recompute (a reentrant autograd Function per layer) passes gradients only
+    if the decoder input requires grad; with frozen embeddings it did not, and every gradient was
+    silently zero. The provider's hook makes it require grad."""
+    import dataclasses
+
+    plain = build()
+    recompute = build_model(
+        dataclasses.replace(MODEL, recompute_granularity="full"), ParallelConfig()
+    )
+    recompute[0].load_state_dict(plain[0].state_dict())
+    want = accumulate_gradients(plain, local_candidates(plain), batches(), 2)
+    got = accumulate_gradients(recompute, local_candidates(recompute), batches(), 2)
+    for name, g in want.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_accumulated_gradients_of_a_subset_equal_those_of_all_candidates():
     chunks = build()
     refs = local_candidates(chunks)
