@@ -1,14 +1,25 @@
-"""Small file helpers shared by the plan writer, the benchmark and the post-training jobs."""
+"""Small file helpers shared by the plan writer, the benchmark, the post-training jobs and the
+converters: atomic file writes and directories written whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "check_writable_directory",
+    "fsync_dir",
+    "replace_directory",
+    "replaced_sibling",
+    "staged_directory",
+]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -37,10 +48,96 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # make the rename itself durable
     return path
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that renames and new entries in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replaced_sibling(final: str | Path) -> Path:
+    """Where :func:`replace_directory` keeps the previous ``final`` while it swaps in the new one
+    (``.NAME.old`` next to it). If a process is killed between the two renames, this directory
+    is the only copy of the previous one; readers fall back to it."""
+    final = Path(final)
+    return final.parent / f".{final.name}.old"
+
+
+def replace_directory(staging: str | Path, final: str | Path) -> Path:
+    """Rename the complete directory ``staging`` to ``final``, replacing an existing ``final``.
+
+    The old ``final`` is moved aside to :func:`replaced_sibling` first and deleted only after the
+    new one is in place, and the parent directory is fsynced in between, so at every instant one
+    complete version exists under ``final`` or its sibling. Returns ``final``.
+    """
+    staging, final = Path(staging), Path(final)
+    old = replaced_sibling(final)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+@contextlib.contextmanager
+def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory whole or not at all: yields an empty hidden staging directory next to
+    ``final`` (``.NAME.partial``); when the block finishes, it replaces ``final``
+    (:func:`replace_directory`); when the block raises, it is deleted and ``final`` is untouched.
+
+    A ``final`` that exists and is not empty is refused (``FileExistsError`` naming it) unless
+    ``overwrite``: files left in it by an earlier write never mix with the new ones.
+    """
+    final = Path(final)
+    check_writable_directory(final, overwrite=overwrite)
+    staging = final.parent / f".{final.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a killed write
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for p in staging.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, final)
+
+
+def check_writable_directory(final: str | Path, *, overwrite: bool) -> None:
+    """Refuse an output directory that holds something, unless ``overwrite`` (see
+    :func:`staged_directory`); a path that exists but is not a directory is always refused."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"output {final} exists and is not a directory")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output directory {final} already exists and is not empty; "
+            "choose another one or pass --overwrite to replace it"
+        )
+
+
 def _umask() -> int:
-    mask = os.umask(0o022)
+    return _UMASK
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it; done once, at import
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_hybrid.fileio import atomic_write, atomic_write_text
+from megatron_hybrid.fileio import atomic_write, atomic_write_text, staged_directory
 
 
 def test_atomic_write_text_replaces_or_leaves_the_old_file(tmp_path):
@@ -34,3 +34,41 @@ def test_atomic_write_binary_round_trips_a_torch_file_and_cleans_up_on_failure(t
         atomic_write(path, fail, binary=True)
     assert torch.equal(torch.load(path, weights_only=True)[0]["w"], state[0]["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base-mp0.pt"]
+
+
+def test_staged_directory_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "adapter"
+    with staged_directory(out) as staging:
+        assert staging != out and not out.exists()
+        (staging / "a.txt").write_text("1")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging left
+
+    # An existing, non-empty output is refused (named), unless overwrite: then replaced whole,
+    # so a file of the old version (stale.txt) never mixes with the new one.
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="adapter.*--overwrite"):
+        with staged_directory(out):
+            raise AssertionError("not reached")
+    with staged_directory(out, overwrite=True) as staging:
+        (staging / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+    # A failure inside the block leaves the old directory as it was and removes the staging.
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_directory(out, overwrite=True) as staging:
+            (staging / "c.txt").write_text("3")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    # An empty existing directory (e.g. made by the user beforehand) is fine without overwrite.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with staged_directory(empty) as staging:
+        (staging / "d.txt").write_text("4")
+    assert (empty / "d.txt").read_text() == "4"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        with staged_directory(tmp_path / "file", overwrite=True):
+            pass

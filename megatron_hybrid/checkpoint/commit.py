@@ -5,7 +5,10 @@ A checkpoint is written into a hidden staging directory next to its final place
 fsynced, and the staging directory is renamed to its final name (``iter_0000010``). Only then does
 the ``latest`` marker move (written to a temporary file and renamed over the old one). A save killed
 at any point therefore leaves the previous checkpoint and the marker untouched; the next save
-removes the stale staging directory.
+removes the stale staging directory. Replacing an existing checkpoint of the same name moves the
+old one aside (``.iter_0000010.old``) before the rename; a save killed between the two renames
+leaves only that copy, which :func:`read_latest` and :func:`resolve_checkpoint` fall back to and
+:func:`prune_step_checkpoints` moves back into place.
 
 Only the coordinating process (global rank 0) calls the functions that change the file system;
 the sharded writes of all ranks go into the staging directory in between. Nothing here imports
@@ -19,6 +22,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from megatron_hybrid.fileio import fsync_dir, replace_directory, replaced_sibling
 
 __all__ = [
     "LATEST_FILE",
@@ -59,11 +64,21 @@ def staging_path(final: Path) -> Path:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path) if path.is_dir() else _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replaced(final: Path) -> Path | None:
+    """The complete previous version of ``final`` left aside by a replace killed between its two
+    renames (only when ``final`` itself is missing), else None."""
+    old = replaced_sibling(final)
+    if not final.exists() and (old / MANIFEST_FILE).is_file():
+        return old
+    return None
 
 
 def begin_staging(final: Path, *, overwrite: bool = True) -> Path:
@@ -104,16 +119,7 @@ def commit_staging(final: Path) -> Path:
     for name in [*files, MANIFEST_FILE]:
         _fsync(staging / name)
     _fsync(staging)
-    old = final.parent / f".{final.name}.old"
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    return replace_directory(staging, final)
 
 
 def verify_checkpoint(directory: Path) -> dict[str, int]:
@@ -173,6 +179,9 @@ def read_latest(root: Path) -> Path | None:
         raise CheckpointError(f"{marker} is damaged: it holds {name!r}")
     target = Path(root) / name
     if not target.is_dir():
+        fallback = _replaced(target)
+        if fallback is not None:
+            return fallback
         raise CheckpointError(f"{marker} names {name}, which does not exist in {root}")
     return target
 
@@ -181,6 +190,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from either a run root (follows ``latest``) or the directory itself."""
     path = Path(path)
     if not path.exists():
+        fallback = _replaced(path)
+        if fallback is not None:
+            return fallback
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     latest = read_latest(path) if path.is_dir() else None
     if latest is not None:
@@ -207,10 +219,15 @@ def list_step_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def prune_step_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest step checkpoints (never the one ``latest`` names)
-    and stale staging directories. Returns the deleted paths."""
+    and stale staging directories; first move back any step checkpoint a killed replace left
+    only as ``.iter_*.old``. Returns the deleted paths."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(root)
+    for old in root.glob(".iter_*.old"):
+        final = root / old.name[1 : -len(".old")]
+        if _replaced(final) is not None:
+            os.replace(old, final)
     latest = read_latest(root)
     steps = list_step_checkpoints(root)
     doomed = [p for _, p in steps[:-keep_last] if latest is None or p != latest]

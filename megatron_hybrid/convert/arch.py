@@ -43,6 +43,9 @@ class ArchSpec:
     qkv_bias: bool
     """q/k/v projections carry a bias (Qwen2)."""
     default_rope_theta: float = 10000.0
+    """``rope_theta`` when ``config.json`` gives none: transformers' default (10000 for both)."""
+    default_max_position_embeddings: int = 2048
+    """``max_position_embeddings`` when ``config.json`` gives none (transformers' default)."""
     validate: Callable[[dict], None] | None = None
     """Extra checks of the HF config (raise ``ValueError`` naming the unsupported field)."""
     mapping: Callable[[ModelConfig], Any] | None = None
@@ -78,7 +81,9 @@ class ArchSpec:
             num_query_groups=hf.get("num_key_value_heads") or heads,
             ffn_hidden_size=hf["intermediate_size"],
             vocab_size=hf["vocab_size"],
-            max_sequence_length=hf.get("max_position_embeddings", 4096),
+            max_sequence_length=hf.get(
+                "max_position_embeddings", self.default_max_position_embeddings
+            ),
             normalization="RMSNorm",
             norm_epsilon=hf.get("rms_norm_eps", 1e-6),
             swiglu=True,

@@ -57,11 +57,23 @@ def _with_runtime(fn: Callable[[argparse.Namespace], str]) -> Callable[[argparse
     return run
 
 
+def _refuse_existing_out(args: argparse.Namespace) -> None:
+    """Refuse an existing checkpoint ``--out`` before any model is built (the write refuses it
+    too, but only after the whole model was built and filled)."""
+    from pathlib import Path
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(
+            f"--out {args.out} already exists; choose another or pass --overwrite"
+        )
+
+
 @_with_runtime
 def _convert_hf(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.hf_to_mcore import convert_hf_to_mcore, hf_model_config
 
     hf_model_config(args.hf, args.dtype)  # validate before starting anything
+    _refuse_existing_out(args)
     parallel = _runtime(args)
     out = convert_hf_to_mcore(
         args.hf, args.out, parallel, params_dtype=args.dtype, overwrite=args.overwrite
@@ -74,6 +86,7 @@ def _merge(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.merge import merge_checkpoint, read_trainables_meta
 
     read_trainables_meta(args.trainables)
+    _refuse_existing_out(args)
     parallel = _runtime(args)
     out = merge_checkpoint(
         args.trainables,
@@ -96,7 +109,12 @@ def _convert_to_hf(args: argparse.Namespace) -> str:
     read_meta(directory)
     _runtime(args, layout=False)
     out = convert_mcore_to_hf(
-        directory, args.out, dtype=args.dtype, arch=args.arch, tokenizer_from=args.tokenizer_from
+        directory,
+        args.out,
+        dtype=args.dtype,
+        arch=args.arch,
+        tokenizer_from=args.tokenizer_from,
+        overwrite=args.overwrite,
     )
     return f"HF model written to {out}"
 
@@ -115,6 +133,7 @@ def _export_peft(args: argparse.Namespace) -> str:
         arch=args.arch,
         base_model_name_or_path=args.base_model,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     return f"HF PEFT adapter written to {out} (see its README.md)"
 
@@ -170,6 +189,7 @@ def add_checkpoint_subcommands(subparsers) -> None:
     p.add_argument("--dtype", choices=_DTYPES, help="weight dtype (default: the original HF dtype)")
     p.add_argument("--arch", help="llama or qwen2, when the checkpoint did not come from HF")
     p.add_argument("--tokenizer-from", help="copy tokenizer files from this HF directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     p.set_defaults(func=_convert_to_hf)
 
     p = subparsers.add_parser(
@@ -189,6 +209,7 @@ def add_checkpoint_subcommands(subparsers) -> None:
     p.add_argument("--arch", help="llama or qwen2, when the base did not come from HF")
     p.add_argument("--base-model", help="base_model_name_or_path to record in adapter_config.json")
     p.add_argument("--dtype", choices=_DTYPES, help="tensor dtype in the adapter (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     p.set_defaults(func=_export_peft)
 
 

@@ -32,6 +32,7 @@ from megatron_hybrid.convert.arch import ArchSpec, arch_by_name, arch_for
 from megatron_hybrid.convert.hf_io import _safetensors, write_json
 from megatron_hybrid.convert.mcore_to_hf import full_tensors
 from megatron_hybrid.convert.merge import read_trainables_meta
+from megatron_hybrid.fileio import check_writable_directory, staged_directory
 from megatron_hybrid.peft.plan import HybridPlan
 
 __all__ = ["FFT_MODES", "export_peft"]
@@ -145,10 +146,17 @@ def export_peft(
     arch: str | None = None,
     base_model_name_or_path: str | None = None,
     dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the adapter directory (one process; needs ``torch.distributed`` initialised)."""
+    """Write the adapter directory (one process; needs ``torch.distributed`` initialised).
+
+    Written whole or not at all: an existing non-empty ``out_dir`` is refused unless
+    ``overwrite``, and then replaced (a stale ``fft_weights.safetensors`` of an earlier
+    ``companion`` export never survives next to a new adapter).
+    """
     if fft_mode not in FFT_MODES:
         raise ValueError(f"fft_mode must be one of {FFT_MODES}, got {fft_mode!r}")
+    check_writable_directory(out_dir, overwrite=overwrite)
     directory, meta = read_trainables_meta(trainables)
     plan, model = meta.hybrid_plan(), meta.model_config()
     spec, original = _spec(meta, arch, directory)
@@ -157,47 +165,53 @@ def export_peft(
     tensors = full_tensors(directory)
     adapter, targets, alpha_pattern = _lora_tensors(plan, tensors, mapping)
     fft, fft_modules = _fft_tensors(plan, tensors, mapping)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    st = _safetensors()
+    base = base_model_name_or_path or (original or {}).get("_name_or_path") or None
     cast = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     to = cast[dtype] if dtype else torch.float32
     if fft_mode == "modules_to_save":
         adapter.update({PREFIX + k: v for k, v in fft.items()})
-    elif fft_mode == "companion" and fft:
-        st.torch.save_file({k: v.to(to).contiguous() for k, v in fft.items()}, str(out / COMPANION))
-    st.torch.save_file(
-        {k: v.to(to).contiguous() for k, v in adapter.items()},
-        str(out / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    base = base_model_name_or_path or (original or {}).get("_name_or_path") or None
-    write_json(
-        out / "adapter_config.json",
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base,
-            "r": plan.lora.rank,
-            "lora_alpha": plan.lora.alpha,
-            "lora_dropout": plan.lora.dropout,
-            "use_rslora": plan.lora.use_rslora,
-            "target_modules": sorted(targets),
-            "rank_pattern": {
-                hf: plan.lora_config_for(n).rank
-                for n in plan.names("lora")
-                for hf in mapping.hf_modules(n)
-                if plan.lora_config_for(n).rank != plan.lora.rank
-            },
-            "alpha_pattern": alpha_pattern,
-            "modules_to_save": sorted(fft_modules)
-            if fft_mode == "modules_to_save" and fft_modules
-            else None,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
+    config = _adapter_config(plan, mapping, targets, alpha_pattern, fft_modules, fft_mode, base)
+    st = _safetensors()
+    with staged_directory(out_dir, overwrite=overwrite) as out:
+        if fft_mode == "companion" and fft:
+            st.torch.save_file(
+                {k: v.to(to).contiguous() for k, v in fft.items()}, str(out / COMPANION)
+            )
+        st.torch.save_file(
+            {k: v.to(to).contiguous() for k, v in adapter.items()},
+            str(out / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        write_json(out / "adapter_config.json", config)
+        (out / "README.md").write_text(_readme(fft_mode, fft_modules, base))
+    return Path(out_dir)
+
+
+def _adapter_config(
+    plan: HybridPlan, mapping, targets, alpha_pattern: dict, fft_modules, fft_mode: str, base
+) -> dict:
+    """``adapter_config.json`` (PEFT's ``LoraConfig`` fields)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": plan.lora.rank,
+        "lora_alpha": plan.lora.alpha,
+        "lora_dropout": plan.lora.dropout,
+        "use_rslora": plan.lora.use_rslora,
+        "target_modules": sorted(targets),
+        "rank_pattern": {
+            hf: plan.lora_config_for(n).rank
+            for n in plan.names("lora")
+            for hf in mapping.hf_modules(n)
+            if plan.lora_config_for(n).rank != plan.lora.rank
         },
-    )
-    (out / "README.md").write_text(_readme(fft_mode, fft_modules, base))
-    return out
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": sorted(fft_modules)
+        if fft_mode == "modules_to_save" and fft_modules
+        else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }

@@ -181,7 +181,6 @@ LLAMA = register(
         architecture="LlamaForCausalLM",
         model_type="llama",
         qkv_bias=False,
-        default_rope_theta=10000.0,
         validate=_validate_llama,
         mapping=LlamaMapping,
     )

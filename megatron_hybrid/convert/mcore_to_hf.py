@@ -18,6 +18,7 @@ from megatron_hybrid.checkpoint.commit import CheckpointError, resolve_checkpoin
 from megatron_hybrid.checkpoint.metadata import read_meta
 from megatron_hybrid.convert.arch import arch_by_name, arch_for
 from megatron_hybrid.convert.hf_io import write_hf_model
+from megatron_hybrid.fileio import check_writable_directory, staged_directory
 
 __all__ = ["TOKENIZER_FILES", "convert_mcore_to_hf", "full_tensors"]
 
@@ -49,9 +50,14 @@ def convert_mcore_to_hf(
     dtype: str | None = None,
     arch: str | None = None,
     tokenizer_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write an HF model directory. ``dtype`` defaults to the original HF dtype (else the model's);
     ``arch`` (``llama`` / ``qwen2``) is needed only when the checkpoint has no HF origin.
+
+    The directory is written whole or not at all (:func:`~megatron_hybrid.fileio.staged_directory`):
+    an existing non-empty ``out_dir`` is refused unless ``overwrite``, and then replaced, so
+    files of an earlier export (another shard count, say) never mix with the new ones.
 
     Needs ``torch.distributed`` initialised (one rank is enough).
     """
@@ -62,6 +68,7 @@ def convert_mcore_to_hf(
         raise CheckpointError(
             f"{directory} holds trainables only; merge them into the base first (megatron-hybrid merge)"
         )
+    check_writable_directory(out_dir, overwrite=overwrite)  # before reading any tensor
     model = meta.model_config()
     original = (meta.hf or {}).get("config")
     if arch is not None:
@@ -86,10 +93,11 @@ def convert_mcore_to_hf(
             tensors[key] = tensors[key][: model.vocab_size]
     hf = spec.tensor_mapping(model).hf_tensors(tensors)
     hf = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
-    out = write_hf_model(out_dir, hf, spec.hf_config(model, original, dtype))
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_from) / name
-            if src.is_file():
-                shutil.copy2(src, out / name)
-    return out
+    with staged_directory(out_dir, overwrite=overwrite) as staging:
+        write_hf_model(staging, hf, spec.hf_config(model, original, dtype))
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / name
+                if src.is_file():
+                    shutil.copy2(src, staging / name)
+    return Path(out_dir)

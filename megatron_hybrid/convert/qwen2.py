@@ -1,5 +1,6 @@
 """Qwen2: the Llama mapping plus q/k/v biases (``add_qkv_bias``), usually with tied embeddings
-(small models) and ``rope_theta`` 1e6. Sliding-window attention is not supported."""
+(small models) and ``rope_theta`` 1e6 in released configs (transformers' default, used when the
+config gives none, is 10000). Sliding-window attention is not supported."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ QWEN2 = register(
         architecture="Qwen2ForCausalLM",
         model_type="qwen2",
         qkv_bias=True,
-        default_rope_theta=1000000.0,
+        default_max_position_embeddings=32768,
         validate=_validate_qwen2,
         mapping=LlamaMapping,
     )

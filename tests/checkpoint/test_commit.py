@@ -74,6 +74,27 @@ def test_recommitting_a_step_replaces_it(tmp_path):
     assert not (tmp_path / ".iter_0000004.old").exists()
 
 
+def test_a_replace_killed_between_its_two_renames_loses_nothing(tmp_path):
+    """Re-committing a step moves the old directory aside, then renames the new one in; killed in
+    between, the aside copy is the only one. Readers use it, pruning moves it back."""
+    import os
+
+    _save(tmp_path, 3)
+    final = _save(tmp_path, 4, b"a" * 5)
+    aside = tmp_path / ".iter_0000004.old"
+    os.replace(final, aside)  # the first rename of a replace, then the process dies
+    assert read_latest(tmp_path) == aside
+    assert resolve_checkpoint(tmp_path) == aside and resolve_checkpoint(final) == aside
+    assert verify_checkpoint(aside)["__0_0.distcp"] == 5
+    assert prune_step_checkpoints(tmp_path, keep_last=1) == [tmp_path / "iter_0000003"]
+    assert not aside.exists() and read_latest(tmp_path) == final
+    assert verify_checkpoint(final)["__0_0.distcp"] == 5
+    # A complete directory of the same name wins over a stale aside copy, which pruning deletes.
+    (aside / "x").mkdir(parents=True)
+    assert read_latest(tmp_path) == final
+    assert prune_step_checkpoints(tmp_path, keep_last=1) == [aside]
+
+
 def test_keep_last_n_never_deletes_the_latest(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step)

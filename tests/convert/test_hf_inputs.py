@@ -66,6 +66,25 @@ def test_llama_and_qwen2_configs_translate(tmp_path):
     assert back["tie_word_embeddings"] is True and back["num_key_value_heads"] == 2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fields_missing_from_config_json_take_the_defaults_of_transformers(arch):
+    transformers = pytest.importorskip("transformers")
+    spec = arch_by_name(arch)
+    hf_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    defaults = hf_cls()
+    theta = getattr(defaults, "rope_theta", None) or defaults.rope_parameters["rope_theta"]
+    cfg = {
+        k: v
+        for k, v in LLAMA_CFG.items()
+        if k not in ("rope_parameters", "max_position_embeddings", "rms_norm_eps")
+    }
+    cfg.update(architectures=[spec.architecture], model_type=spec.model_type)
+    model = spec.model_config(cfg)
+    assert model.rotary_base == theta
+    assert model.max_sequence_length == defaults.max_position_embeddings
+    assert model.norm_epsilon == defaults.rms_norm_eps
+
+
 def test_unknown_architecture_lists_the_supported(tmp_path):
     with pytest.raises(
         ValueError,

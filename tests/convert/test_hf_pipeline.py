@@ -142,3 +142,41 @@ def test_vllm_path_fft_merged_base_plus_lora_only_adapter(single_rank_runtime, p
     assert "vllm serve" in (adapter / "README.md").read_text()
     model = PeftModel.from_pretrained(base, adapter).eval()
     assert _max_diff(hf_logits(model, res["llama"]["tokens"]), res["llama"]["hybrid"]) < HF_TOL
+
+
+def test_outputs_are_refused_when_they_exist_and_replaced_whole_with_overwrite(
+    single_rank_runtime, pipeline, capsys
+):
+    """Writing into an existing output mixed old and new files (a stale fft_weights.safetensors,
+    or a stale single-file model next to a new sharded one); now an existing output is refused,
+    naming it, and ``--overwrite`` replaces the directory whole."""
+    tmp, _ = pipeline
+    d = tmp / "llama"
+    adapter = d / "peft_again"
+    export_peft(d / "run", adapter, fft_mode="companion")
+    assert (adapter / "fft_weights.safetensors").is_file()
+    argv = ["export-peft", "--trainables", str(d / "run"), "--out", str(adapter)]
+    assert main([*argv, "--fft-mode", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "peft_again already exists and is not empty" in err and "--overwrite" in err
+    assert (adapter / "fft_weights.safetensors").is_file()  # untouched
+    assert main([*argv, "--fft-mode", "none", "--overwrite"]) == 0
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    initialize_runtime(ParallelConfig())  # the subcommand tore its runtime down
+
+    hf_out = d / "merged_hf_again"
+    convert_mcore_to_hf(d / "merged", hf_out)
+    (hf_out / "model.safetensors.index.json").write_text("{}")  # a stale file of another export
+    with pytest.raises(FileExistsError, match="merged_hf_again"):
+        convert_mcore_to_hf(d / "merged", hf_out)
+    convert_mcore_to_hf(d / "merged", hf_out, overwrite=True)
+    assert not (hf_out / "model.safetensors.index.json").exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    # merge / convert-hf refuse an existing --out before building the model.
+    assert main(["merge", "--trainables", str(d / "run"), "--out", str(d / "merged")]) == 2
+    assert "merged already exists" in capsys.readouterr().err
