@@ -109,6 +109,11 @@ class RunCheckpointer:
             model_cfg=self.model_cfg,
             optimizer=optimizer if self.cfg.load_optimizer else None,
         )
+        if not state.optimizer_restored and hasattr(optimizer, "reload_model_params"):
+            # A mixed-precision optimizer keeps fp32 main copies of the trainables, cloned when
+            # it was built; without this its first step would write the pre-resume values back
+            # over the loaded ones (Megatron's trainer does the same on a fresh-optimizer load).
+            optimizer.reload_model_params()
         _decode_into(data_state, state.state)
         notes = [
             "optimizer restored" if state.optimizer_restored else "fresh optimizer state",

@@ -31,7 +31,16 @@ from megatron_hybrid.peft.lora import (
 from megatron_hybrid.peft.naming import ModuleRef, walk_modules
 from megatron_hybrid.peft.plan import HybridPlan, closest_names
 
-__all__ = ["PlanSummary", "all_linear_names", "apply_hybrid_plan", "candidate_names"]
+__all__ = [
+    "FFT_PARAM_NAMES",
+    "PlanSummary",
+    "all_linear_names",
+    "apply_hybrid_plan",
+    "candidate_names",
+]
+
+#: The parameters of a linear module that full fine-tuning trains.
+FFT_PARAM_NAMES = ("weight", "bias")
 
 
 @dataclass
@@ -243,7 +252,12 @@ def apply_hybrid_plan(
             continue
         module = ref.module
         if decision.mode == "fft":
-            for p in module.parameters(recurse=False):
+            # The linear's own weight and bias only: TE's fused LayerNorm + linear
+            # (linear_qkv / linear_fc1 in the TE spec) also holds the preceding norm's
+            # layer_norm_weight/bias, which stays frozen as the norms of the local spec do.
+            for pname, p in module.named_parameters(recurse=False):
+                if pname not in FFT_PARAM_NAMES:
+                    continue
                 p.requires_grad_(True)
                 fft_params.append((p, bool(getattr(p, "tensor_model_parallel", False))))
             continue

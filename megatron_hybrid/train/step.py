@@ -176,10 +176,17 @@ def learning_rate_factor(optim: OptimConfig, step: int, total_steps: int) -> flo
 
 
 def set_learning_rate(optimizer, optim: OptimConfig, step: int, total_steps: int) -> None:
-    """Set every parameter group's ``lr`` to its ``max_lr`` (or ``optim.lr``) x the schedule factor."""
+    """Set every parameter group's ``lr`` to its ``max_lr`` (or ``optim.lr``) x the schedule
+    factor, and its ``weight_decay`` to ``optim.weight_decay x wd_mult``.
+
+    Megatron marks biases and other 1-D parameters with ``wd_mult = 0`` but applies it only in
+    its own ``OptimizerParamScheduler``, which we do not use: without this every group kept the
+    optimizer's global weight decay, so a fully fine-tuned module's bias was decayed.
+    """
     factor = learning_rate_factor(optim, step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = group.get("max_lr", optim.lr) * factor
+        group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

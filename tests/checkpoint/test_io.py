@@ -84,6 +84,26 @@ def test_round_trip_restores_base_and_trainables(saved):
     assert meta.contents == ["model", "rng"] and meta.layout["tp"] == 1
 
 
+def test_resume_with_a_fresh_optimizer_reloads_its_main_weights(saved, monkeypatch):
+    """With ``load_optimizer: false`` the optimizer's fp32 main copies (bf16 runs on GPU) still
+    hold the pre-resume trainables; the run must tell it to copy the loaded weights (Megatron's
+    ``reload_model_params``), or its first step reverts them. (bf16 cannot train on CPU, so a
+    spy stands in for the mixed-precision optimizer's method.)"""
+    from megatron_hybrid.checkpoint.config import CheckpointConfig
+    from megatron_hybrid.checkpoint.run import RunCheckpointer
+    from megatron_hybrid.train.step import OptimConfig, build_optimizer, wrap_ddp
+
+    tmp, _ = saved
+    fresh = _model()
+    load_model(tmp / "base", fresh, TINY)
+    optimizer = build_optimizer(wrap_ddp(fresh), OptimConfig(lr=1e-3))
+    calls = []
+    monkeypatch.setattr(optimizer, "reload_model_params", lambda: calls.append("reload"))
+    cfg = CheckpointConfig(load_dir=str(tmp / "run"), load_optimizer=False)
+    assert RunCheckpointer(cfg, TINY).restore(fresh, optimizer, TINY_PLAN, {}) == 7
+    assert calls == ["reload"]
+
+
 def test_another_plan_is_named(saved):
     tmp, _ = saved
     other = HybridPlan.from_dict(

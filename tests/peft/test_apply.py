@@ -160,6 +160,22 @@ def test_fft_trains_weight_and_bias_while_lora_leaves_the_base_bias_frozen():
     }
 
 
+def test_fft_leaves_a_fused_norm_frozen():
+    """TE's fused LayerNorm + linear holds the preceding norm's ``layer_norm_weight``; full
+    fine-tuning of the linear trained it too (and export dropped it). A local module given that
+    extra parameter stands in for the TE module here."""
+    chunks = build()
+    name = "decoder.layers.0.self_attention.linear_qkv"
+    module = chunks[0].get_submodule(name)
+    module.register_parameter(
+        "layer_norm_weight", torch.nn.Parameter(torch.ones(MODEL.hidden_size))
+    )
+    plan = HybridPlan(modules={name: ModuleDecision("fft")}, lora=LORA)
+    summary = apply_hybrid_plan(chunks, plan)
+    assert trainable_names(chunks) == {f"{name}.weight"}
+    assert summary.fft_params == module.weight.numel()
+
+
 def test_summary_counts_equal_hand_counts():
     chunks = build()
     plan = HybridPlan(

@@ -48,3 +48,41 @@ def test_first_adam_step_moves_each_kind_by_its_rate(single_rank_runtime, mult, 
 def test_loraplus_ratio_is_validated():
     with pytest.raises(ValueError, match=r"optim.loraplus_lr_ratio must be a number > 0"):
         OptimConfig(lr=1e-3, loraplus_lr_ratio=0)
+
+
+def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime):
+    """A step with zero gradients moves a parameter only through weight decay: the fully
+    fine-tuned module's weight decays by lr x wd, its bias (Megatron's wd_mult = 0) does not."""
+    from megatron_hybrid.models.config import ModelConfig
+    from megatron_hybrid.models.provider import build_model
+    from megatron_hybrid.peft.apply import apply_hybrid_plan, candidate_names
+    from megatron_hybrid.peft.config import LoRAConfig
+    from megatron_hybrid.peft.plan import PeftSpec
+    from megatron_hybrid.train.step import wrap_ddp
+
+    model = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=32,
+        max_sequence_length=16,
+        add_bias_linear=True,
+    )
+    chunks = build_model(model, single_rank_runtime)
+    fft = "decoder.layers.1.mlp.linear_fc1"
+    spec = PeftSpec(fft_modules=[fft], lora=LoRAConfig(rank=2))
+    apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
+    ddp = wrap_ddp(chunks)
+    lr, wd = 1e-2, 0.1
+    opt = build_optimizer(ddp, OptimConfig(lr=lr, weight_decay=wd, lora_lr_mult=3.0))
+    module = ddp[0].module.get_submodule(fft)
+    module.bias.data.fill_(1.0)
+    module.weight.data.fill_(1.0)
+    for p in ddp[0].module.parameters():
+        if p.requires_grad:
+            p.main_grad.zero_()
+    ok, _, _ = opt.step()
+    assert ok
+    assert torch.equal(module.bias, torch.ones_like(module.bias))
+    torch.testing.assert_close(module.weight, torch.full_like(module.weight, 1 - lr * wd))
