@@ -206,6 +206,10 @@ def probe_weight_deltas(
     a saved copy at the end, even on error.
     """
     group = cfg.group_size or max(len(modules), 1)
+    # Every step's data before any weight moves: a source that samples from the model (the
+    # policy-gradient objective) must sample all P steps from the base, not from the first
+    # group's partly trained weights, or the groups would see different data.
+    schedule = [batches(step) for step in range(cfg.steps)]
     deltas: dict[str, torch.Tensor] = {}
     epd: dict[str, float] = {}
     done = 0
@@ -219,8 +223,7 @@ def probe_weight_deltas(
         )
         try:
             with _only_trainable(chunks, weights):
-                for step in range(cfg.steps):
-                    micro = batches(step)
+                for step, micro in enumerate(schedule):
                     for w in weights:
                         w.grad = None
                     run_schedule(chunks, micro, forward_step=forward_step)

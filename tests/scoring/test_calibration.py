@@ -234,6 +234,22 @@ def test_probe_restores_base_weights_bitwise_and_moves_every_module(group_size):
         assert result.epd_local[r.name] > 0
 
 
+def test_probe_takes_every_steps_data_from_the_base():
+    """A source that samples from the model (policy gradient) must see the base weights for all
+    P steps, whatever the group; before, step k >= 1 was drawn after the first group's updates."""
+    chunks = build()
+    refs = local_candidates(chunks)
+    base = [weight(r).detach().clone() for r in refs]
+    source, seen = batches(), []
+
+    def recording(k):
+        seen.append(all(torch.equal(weight(r), b) for r, b in zip(refs, base)))
+        return source(k)
+
+    probe_weight_deltas(chunks, refs, recording, ProbeConfig(steps=3, lr=1e-2, group_size=3))
+    assert seen and all(seen)
+
+
 def test_probe_groups_train_alone():
     chunks = build()
     refs = local_candidates(chunks)
