@@ -131,6 +131,36 @@ def save_plan(artifact: PlanArtifact, path: str | Path) -> Path:
     return atomic_write(path, write)
 
 
+def _is_int(x: object, low: int) -> bool:
+    return type(x) is int and x >= low
+
+
+def _entry_problem(entry: ModuleEntry) -> str | None:
+    """What is wrong with one module entry (None when nothing is)."""
+    if not isinstance(entry.name, str) or not entry.name:
+        return f"name must be a non-empty string, got {entry.name!r}"
+    if entry.decision not in ("fft", "lora", "frozen"):
+        return f"unknown decision {entry.decision!r}"
+    if not isinstance(entry.kind, str):
+        return f"kind must be a string, got {entry.kind!r}"
+    shape = entry.shape
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(x, 1) for x in shape)):
+        return f"shape must be [out, in] (two positive integers), got {shape!r}"
+    if not _is_int(entry.params, 0):
+        return f"params must be a non-negative integer, got {entry.params!r}"
+    scores = entry.scores
+    if not isinstance(scores, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
+    ):
+        return f"scores must map score names to numbers, got {scores!r}"
+    if entry.decision == "lora":
+        if entry.rank is not None and not _is_int(entry.rank, 1):
+            return f"rank must be a positive integer, got {entry.rank!r}"
+    elif entry.rank is not None:
+        return f"rank {entry.rank!r} is given, but a {entry.decision} module has no adapter"
+    return None
+
+
 def load_plan(path: str | Path) -> PlanArtifact:
     """Read and validate a plan file; errors name the file and what is wrong."""
     path = Path(path)
@@ -151,16 +181,31 @@ def load_plan(path: str | Path) -> PlanArtifact:
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"plan file {path} lacks keys {missing}")
+    for key in ("model", "budget", "score", "calibration", "lora"):
+        if not isinstance(d[key], dict):
+            raise ValueError(f"plan file {path}: {key} must be an object, got {d[key]!r}")
+    if not isinstance(d["modules"], list):
+        raise ValueError(f"plan file {path}: modules must be a list, got {d['modules']!r}")
+    seed = d.get("seed", 0)
+    if type(seed) is not int:
+        raise ValueError(f"plan file {path}: seed must be an integer, got {seed!r}")
     modules = []
+    first: dict[str, int] = {}
     for i, m in enumerate(d["modules"]):
+        if not isinstance(m, dict):
+            raise ValueError(f"plan file {path}: modules[{i}] must be an object, got {m!r}")
         try:
             entry = ModuleEntry(**m)
         except TypeError as e:
             raise ValueError(f"plan file {path}: modules[{i}]: {e}") from None
-        if entry.decision not in ("fft", "lora", "frozen"):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"plan file {path}: modules[{i}] ({entry.name}): {problem}")
+        if entry.name in first:
             raise ValueError(
-                f"plan file {path}: modules[{i}] ({entry.name}): unknown decision {entry.decision!r}"
+                f"plan file {path}: modules[{i}] ({entry.name}) repeats modules[{first[entry.name]}]"
             )
+        first[entry.name] = i
         modules.append(entry)
     try:
         LoRAConfig.from_dict(d["lora"])
@@ -173,7 +218,7 @@ def load_plan(path: str | Path) -> PlanArtifact:
         calibration=d["calibration"],
         lora=d["lora"],
         modules=modules,
-        seed=int(d.get("seed", 0)),
+        seed=seed,
         schema_version=version,
         created_by=d.get("created_by", "unknown"),
     )

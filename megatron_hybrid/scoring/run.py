@@ -91,6 +91,9 @@ class ScoreConfig:
             )
         check_int("score.num_batches", self.num_batches)
         check_int("score.rank", self.rank, optional=True)
+        check_int("score.oversample", self.oversample, minimum=0)
+        check_int("score.iters", self.iters, minimum=0)
+        check_int("score.seed", self.seed, minimum=0)
         if self.objective not in ("nll", "policy_gradient"):
             raise ValueError(
                 f"score.objective must be 'nll' or 'policy_gradient', got {self.objective!r}"

@@ -58,6 +58,7 @@ class SelectionConfig:
             or not 0 < self.budget <= 1
         ):
             raise ValueError(f"select.budget must be in (0, 1], got {self.budget!r}")
+        self.budget = float(self.budget)  # a NumPy float passes the checks; its repr is odd
         if self.budget_unit not in ("modules", "params"):
             raise ValueError(
                 f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}"
@@ -102,7 +103,8 @@ def select_fft_modules(
     cands = sorted(candidates, key=lambda c: c.name)
     names = [c.name for c in cands]
     if len(set(names)) != len(names):
-        raise ValueError("duplicate candidate names")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate candidate names: {repeated}")
     for c in cands:
         if math.isnan(c.score):
             raise ValueError(f"{c.name}: score is NaN")

@@ -193,8 +193,27 @@ def test_seed_and_created_by_are_optional(tmp_path):
             lambda m: m.update(decision="partial"),
             r"modules\[2\] \(decoder\.layers\.1\.mlp\.linear_fc2\): unknown decision 'partial'",
         ),
+        (
+            lambda m: m.update(decision="fft", rank=4),
+            r"modules\[2\] \(decoder\.layers\.1\.mlp\.linear_fc2\): rank 4 is given, but a fft",
+        ),
+        (lambda m: m.update(rank=0), r"modules\[2\] .*rank must be a positive integer, got 0"),
+        (lambda m: m.update(shape=5), r"modules\[2\] .*shape must be \[out, in\].*got 5"),
+        (lambda m: m.update(params="many"), r"modules\[2\] .*params must be a non-negative"),
+        (lambda m: m.update(scores={"residual": "high"}), r"modules\[2\] .*scores must map"),
+        (lambda m: m.update(name=""), r"modules\[2\] \(\): name must be a non-empty string"),
     ],
-    ids=["missing-field", "unknown-field", "bad-decision"],
+    ids=[
+        "missing-field",
+        "unknown-field",
+        "bad-decision",
+        "fft-with-rank",
+        "rank-0",
+        "shape",
+        "params",
+        "scores",
+        "name",
+    ],
 )
 def test_a_bad_module_entry_names_its_index(tmp_path, change, message):
     d = plan_dict()
@@ -209,6 +228,37 @@ def test_a_module_entry_that_is_not_an_object_names_its_index(tmp_path):
     d["modules"][1] = "decoder.layers.0.mlp.linear_fc1"
     with pytest.raises(ValueError, match=r"modules\[1\]"):
         load_plan(write_json(tmp_path, d))
+
+
+def test_a_module_listed_twice_names_both_entries(tmp_path):
+    """A name listed as fft and again as lora loaded fine: ``plan show`` said FFT, training
+    applied the last entry (LoRA)."""
+    d = plan_dict()
+    d["modules"].append(dict(d["modules"][0], decision="lora", rank=2))
+    name = re.escape(d["modules"][0]["name"])
+    with pytest.raises(
+        ValueError, match=rf"modules\[{len(d['modules']) - 1}\] \({name}\) repeats modules\[0\]"
+    ):
+        load_plan(write_json(tmp_path, d))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("seed", "x", "seed must be an integer, got 'x'"),
+        ("seed", 1.5, "seed must be an integer"),
+        ("modules", {"a": 1}, "modules must be a list"),
+        ("score", [], "score must be an object"),
+    ],
+)
+def test_bad_top_level_fields_are_named(tmp_path, key, value, message):
+    d = plan_dict()
+    d[key] = value
+    path = write_json(tmp_path, d)
+    with pytest.raises(
+        ValueError, match=rf"plan file {re.escape(str(path))}: {re.escape(message)}"
+    ):
+        load_plan(path)
 
 
 def test_a_bad_lora_section_is_an_error(tmp_path):

@@ -95,6 +95,9 @@ def test_policy_gradient_objective_is_accepted():
         ({"num_batches": 0}, "num_batches"),
         ({"num_batches": 2.0}, "num_batches"),
         ({"rank": 0}, "rank"),
+        ({"oversample": -1}, "oversample"),
+        ({"iters": 1.5}, "iters"),
+        ({"seed": "x"}, "seed"),
         ({"probe": {"steps": 0}}, "probe.steps"),
     ],
 )

@@ -352,9 +352,22 @@ def test_a_nan_score_is_an_error_naming_the_module(unit):
         select_fft_modules(cands, SelectionConfig(budget=0.5, budget_unit=unit))
 
 
-def test_duplicate_candidate_names_are_an_error():
-    with pytest.raises(ValueError, match="duplicate candidate names"):
-        select_fft_modules([Candidate("a", 1, 1.0), Candidate("a", 2, 2.0)], SelectionConfig())
+def test_duplicate_candidate_names_are_an_error_naming_them():
+    with pytest.raises(ValueError, match=r"duplicate candidate names: \['a'\]"):
+        select_fft_modules(
+            [Candidate("a", 1, 1.0), Candidate("b", 1, 1.0), Candidate("a", 2, 2.0)],
+            SelectionConfig(),
+        )
+
+
+def test_a_numpy_budget_works_like_the_same_python_float():
+    """np.float64 subclasses float and passed validation, then broke the exact budget arithmetic
+    (``Fraction(repr(...))``) with a message that did not name select.budget."""
+    np = pytest.importorskip("numpy")
+    cands = model_candidates([float(i) for i in range(30)])
+    cfg = SelectionConfig(budget=np.float64(0.1))
+    assert type(cfg.budget) is float
+    assert select_fft_modules(cands, cfg) == select_fft_modules(cands, SelectionConfig(budget=0.1))
 
 
 @pytest.mark.parametrize(
