@@ -39,8 +39,61 @@ _YAMLLoader.add_implicit_resolver(
 )
 
 
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    """A mapping that names a key twice is an error (PyYAML keeps the last value silently)."""
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAMLLoader)
+
+
+#: Scalar and container field types that :func:`from_dict` checks values against.
+_SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    list: ((list, tuple), "a list"),
+    tuple: ((list, tuple), "a list"),
+    dict: ((dict,), "a mapping"),
+}
+
+
+def _type_problem(tp: Any, value: Any) -> str | None:
+    """What ``value`` should be for a field annotated ``tp`` (None when it fits, or when ``tp``
+    is not a plain scalar / container type, possibly optional: those fields check themselves)."""
+    args = typing.get_args(tp)
+    if _is_optional(tp):
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return None
+        tp = rest[0]
+    rule = _SCALARS.get(typing.get_origin(tp) or tp)
+    if rule is None:
+        return None
+    allowed, what = rule
+    if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+        return None
+    return what + (" or null" if _is_optional(tp) else "")
 
 
 def _is_optional(tp: Any) -> bool:
@@ -107,10 +160,18 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     check_known_keys(cls, data, path)
     kwargs: dict[str, Any] = {}
+    wrong_type: list[str] = []
     for key, value in data.items():
         full = f"{path}.{key}" if path else key
         sub = _dataclass_type(hints[key])
-        if sub is None or isinstance(value, sub) or (value is None and _is_optional(hints[key])):
+        if sub is None:
+            problem = _type_problem(hints[key], value)
+            if problem:
+                optional = " or null" if _is_optional(hints[key]) else ""
+                wrong_type.append(f"{full} must be {problem}{optional}, got {value!r}")
+            kwargs[key] = value
+            continue
+        if isinstance(value, sub) or (value is None and _is_optional(hints[key])):
             kwargs[key] = value
             continue
         if not isinstance(value, dict):
@@ -125,10 +186,19 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
             kwargs[key] = custom(value) if default is None else custom(value, base=default)
         except ValueError as e:
             raise ValueError(f"{full}: {e}") from None
+    # The class's own validation speaks first (its messages say more: "a positive integer");
+    # a value of the wrong type that it does not check, or that crashes it, is named here.
     try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except (TypeError, ValueError) as e:
+        obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as e:
         raise ValueError(f"{path + ': ' if path else ''}{e}") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(
+            wrong_type[0] if wrong_type else f"{path + ': ' if path else ''}{e}"
+        ) from None
+    if wrong_type:
+        raise ValueError(wrong_type[0])
+    return obj
 
 
 def to_dict(obj: Any) -> dict:

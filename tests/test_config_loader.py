@@ -3,6 +3,7 @@ into the quick-start job's QuickstartConfig; errors name the dotted key or the f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,28 @@ def test_parse_number_list_names_the_flag():
         parse_number_list("--seeds", "0,1.5", int)
     with pytest.raises(ValueError, match=r"--lrs must be comma-separated numbers, got ''"):
         parse_number_list("--lrs", "")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.swiglu=maybe", "model.swiglu must be true or false, got 'maybe'"),
+        ("run.seed=abc", "run.seed must be an integer, got 'abc'"),
+        ("peft.rank_overrides=[1]", "peft.rank_overrides must be a mapping, got [1]"),
+        ("peft.target_modules=5", "peft.target_modules must be a list, got 5"),
+        ("optim.min_lr_ratio=true", "optim.min_lr_ratio must be a number, got True"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_even_where_no_validator_checks_it(override, message):
+    """Fields whose own validation did not check the type accepted it (``swiglu: maybe``) or
+    crashed later with an AttributeError; from_dict now checks plain field types."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(QuickstartConfig, None, [override])
+
+
+def test_a_key_given_twice_in_a_file_is_an_error_naming_it(tmp_path):
+    path = write(tmp_path, "run:\n  steps: 3\n  steps: 5\n")
+    with pytest.raises(
+        ValueError, match=r"(?s)job.yaml is not valid YAML.*found the key 'steps' twice.*line 3"
+    ):
+        load_config(QuickstartConfig, path)
