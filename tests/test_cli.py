@@ -117,6 +117,33 @@ def test_a_bad_override_exits_2_naming_the_key(capsys):
     assert err.startswith("megatron-hybrid train: error: ") and "run.steps" in err
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [
+                "parallel.tensor_model_parallel_size=2",
+                "parallel.sequence_parallel=true",
+                "run.seq_length=15",
+            ],
+            "run.seq_length (15) must be a multiple of parallel.tensor_model_parallel_size (2)",
+        ),
+        (
+            [
+                "model.position_embedding_type=learned_absolute",
+                "model.max_sequence_length=8",
+                "run.seq_length=16",
+            ],
+            "run.seq_length (16) exceeds model.max_sequence_length (8)",
+        ),
+    ],
+)
+def test_a_layout_megatron_would_reject_mid_step_exits_2_up_front(capsys, overrides, message):
+    # In process: refused before any process group exists (Megatron asserted inside step 1).
+    assert main(["train", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_plan_for_another_architecture_exits_2_naming_the_field(scored):
     cwd, _, _ = scored
     proc = cli("train", "plan_file=tmp/plan.json", "model.hidden_size=64", "run.steps=1", cwd=cwd)

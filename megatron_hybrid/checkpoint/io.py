@@ -16,13 +16,12 @@ Collective: every function here must be called on all ranks of the job (Megatron
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -57,6 +56,7 @@ from megatron_hybrid.checkpoint.rng import (
 from megatron_hybrid.checkpoint.state import copy_loaded, model_sharded_state_dict
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.plan import HybridPlan
+from megatron_hybrid.runtime.distributed import on_rank0
 
 __all__ = [
     "TrainingState",
@@ -93,27 +93,12 @@ def current_layout() -> dict:
     }
 
 
-def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on global rank 0; re-raise its error on every rank (no rank hangs)."""
-    result: list[Any] = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            result = [fn(), None]
-        except Exception as e:  # noqa: BLE001 - forwarded to all ranks below
-            result = [None, e]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
-    if result[1] is not None:
-        raise result[1]
-    return result[0]
-
-
 def _write(final: Path, sharded: dict, meta: CheckpointMeta, *, overwrite: bool) -> Path:
     """Write ``sharded`` into the staging directory of ``final`` and commit it."""
     final = Path(final).absolute()
-    _on_rank0(lambda: begin_staging(final, overwrite=overwrite))
+    on_rank0(lambda: begin_staging(final, overwrite=overwrite))
     dist_checkpointing.save(sharded, str(staging_path(final)))
-    _on_rank0(lambda: (write_meta(staging_path(final), meta), commit_staging(final)))
+    on_rank0(lambda: (write_meta(staging_path(final), meta), commit_staging(final)))
     return final
 
 
@@ -228,7 +213,7 @@ def save_trainables(
         if keep_last is not None:
             prune_step_checkpoints(root, keep_last)
 
-    _on_rank0(mark)
+    on_rank0(mark)
     return final
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "CPURNGStatesTracker",
     "apply_cpu_compat_patches",
     "cpu_patches_active",
+    "missing_patch_targets",
 ]
 
 
@@ -305,6 +306,28 @@ def cpu_patches_active() -> bool:
     return _APPLIED
 
 
+#: Module attributes replaced below besides :data:`FUNCTION_PATCHES`.
+_RNG_TARGETS = (
+    "_CUDA_RNG_STATE_TRACKER",
+    "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
+    "_get_cuda_rng_state",
+    "_set_cuda_rng_state",
+)
+
+
+def missing_patch_targets() -> list[str]:
+    """``module.name`` of every attribute the patches replace that this Megatron-Core lacks (a
+    renamed function would otherwise be "patched" by adding a new, unused attribute)."""
+    wanted = [(m, f.name) for f in FUNCTION_PATCHES for m in f.modules]
+    wanted += [("megatron.core.tensor_parallel.random", n) for n in _RNG_TARGETS]
+    wanted += [(p.module, "torch") for p in PATCHES]
+    return [
+        f"{module}.{name}"
+        for module, name in wanted
+        if not hasattr(importlib.import_module(module), name)
+    ]
+
+
 def apply_cpu_compat_patches() -> bool:
     """Apply every patch in :data:`PATCHES` (idempotent). Returns whether patches are active.
 
@@ -315,6 +338,15 @@ def apply_cpu_compat_patches() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    missing = missing_patch_targets()
+    if missing:
+        from importlib.metadata import version
+
+        raise RuntimeError(
+            f"megatron-core {version('megatron-core')} lacks what the CPU patches replace: "
+            f"{', '.join(missing)} (supported: >=0.16.1,<0.20); runtime/cpu_compat.py needs "
+            "updating for this version"
+        )
     proxy = _TorchDeviceProxy()
     for patch in PATCHES:
         mod = importlib.import_module(patch.module)

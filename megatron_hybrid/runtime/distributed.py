@@ -11,8 +11,10 @@ tensors); ``gloo`` without CUDA, where the compatibility patches of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ __all__ = [
     "destroy_runtime",
     "device",
     "initialize_runtime",
+    "on_rank0",
     "without_launcher_env",
 ]
 
@@ -168,3 +171,19 @@ def destroy_runtime() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on global rank 0 and return its result on every rank; its error is re-raised
+    on every rank, so no rank waits forever for one that failed (file writes, for instance)."""
+    result: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            result = [fn(), None]
+        except Exception as e:  # noqa: BLE001 - forwarded to all ranks below
+            result = [None, e]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise result[1]
+    return result[0]

@@ -19,7 +19,12 @@ from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.rl.grpo import GRPOConfig
-from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
+from megatron_hybrid.runtime.distributed import (
+    ParallelConfig,
+    destroy_runtime,
+    initialize_runtime,
+    on_rank0,
+)
 from megatron_hybrid.scoring.plan_io import PlanArtifact, model_fingerprint, save_plan
 from megatron_hybrid.scoring.run import (
     ScoreConfig,
@@ -160,13 +165,14 @@ def run_score_job(
             modules=plan_entries(table, fft, cfg.lora.rank),
             seed=cfg.run.seed,
         )
+        # Rank 0 writes; an error there (disk full, no permission) reaches every rank at once
+        # instead of leaving the others in a barrier until the timeout.
+        path = on_rank0(lambda: save_plan(artifact, Path(cfg.out)))
         if rank0:
-            path = save_plan(artifact, Path(cfg.out))
             printer(
                 f"scored {len(table)} modules with {method} in {elapsed:.1f} s; FFT: {', '.join(fft)}"
             )
             printer(f"plan written to {path}")
-        torch.distributed.barrier()
         return artifact
     finally:
         destroy_runtime()

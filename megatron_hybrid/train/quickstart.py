@@ -120,6 +120,23 @@ def _is_logging_rank() -> bool:
     )
 
 
+def check_layout(cfg: QuickstartConfig) -> None:
+    """Layout limits that Megatron would only hit inside the first step (an AssertionError
+    there); checked from the config before anything starts."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    if cfg.parallel.sequence_parallel and cfg.run.seq_length % tp:
+        raise ValueError(
+            f"run.seq_length ({cfg.run.seq_length}) must be a multiple of "
+            f"parallel.tensor_model_parallel_size ({tp}) with sequence parallelism"
+        )
+    learned = cfg.model.position_embedding_type == "learned_absolute"
+    if learned and cfg.run.seq_length > cfg.model.max_sequence_length:
+        raise ValueError(
+            f"run.seq_length ({cfg.run.seq_length}) exceeds model.max_sequence_length "
+            f"({cfg.model.max_sequence_length}), the number of learned absolute positions"
+        )
+
+
 def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
     """Train up to step ``cfg.run.steps``; returns ``{"losses", "summary", "wall_time_s",
     "first_step"}`` (``losses`` of the steps this call ran, from ``first_step``)."""
@@ -128,8 +145,16 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
         raise ValueError(
             f"model.vocab_size ({cfg.model.vocab_size}) < tokenizer vocabulary ({tok.vocab_size})"
         )
+    check_layout(cfg)
     initialize_runtime(cfg.parallel, seed=cfg.run.seed)
     try:
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        if cfg.run.global_batch_size % (cfg.run.micro_batch_size * dp_size):
+            raise ValueError(
+                f"run.global_batch_size ({cfg.run.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x data-parallel size ({cfg.run.micro_batch_size} x {dp_size})"
+            )
         chunks = build_model(cfg.model, cfg.parallel)
         run_ckpt = RunCheckpointer(cfg.checkpoint, cfg.model, printer=printer)
         run_ckpt.prepare_base(chunks)
@@ -143,13 +168,6 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
         summary: PlanSummary = apply_hybrid_plan(chunks, plan)
         ddp = wrap_ddp(chunks)
         optimizer = build_optimizer(ddp, cfg.optim)
-        dp_rank = parallel_state.get_data_parallel_rank()
-        dp_size = parallel_state.get_data_parallel_world_size()
-        if cfg.run.global_batch_size % (cfg.run.micro_batch_size * dp_size):
-            raise ValueError(
-                f"run.global_batch_size ({cfg.run.global_batch_size}) must be a multiple of "
-                f"micro_batch_size x data-parallel size ({cfg.run.micro_batch_size} x {dp_size})"
-            )
         logging = _is_logging_rank()
         if torch.distributed.get_rank() == 0:
             printer(

@@ -475,3 +475,17 @@ print("untouched")
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "untouched" in proc.stdout
+
+
+def test_every_patch_target_exists_in_this_megatron_core(monkeypatch) -> None:
+    """A Megatron-Core that renamed a patched function would get a new, unused attribute
+    instead; the check names it (and apply_cpu_compat_patches refuses before patching)."""
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_hybrid.runtime.cpu_compat import missing_patch_targets
+
+    assert missing_patch_targets() == []
+    monkeypatch.delattr(clip_grads, "clip_grad_by_total_norm_fp32")
+    assert missing_patch_targets() == [
+        "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32"
+    ]
