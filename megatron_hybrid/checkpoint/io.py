@@ -40,6 +40,7 @@ from megatron_hybrid.checkpoint.metadata import (
     CheckpointMeta,
     check_architecture,
     check_plan,
+    new_uid,
     read_meta,
     write_meta,
 )
@@ -134,6 +135,7 @@ def save_model(
         hf=hf,
         contents=["model"],
         details=details or {},
+        uid=new_uid(),
     )
     return _write(Path(out_dir), sharded, meta, overwrite=overwrite)
 
@@ -205,6 +207,8 @@ def save_trainables(
         step=step,
         base=None if base is None else str(Path(base).absolute()),
         contents=contents,
+        uid=new_uid(),
+        base_uid=None if base is None else read_meta(resolve_checkpoint(base)).uid or None,
     )
     final = _write(root / step_dir_name(step), sharded, meta, overwrite=True)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,11 @@ class CheckpointMeta:
     """Optimizer steps taken (trainables)."""
     base: str | None = None
     """Path of the base checkpoint a trainables checkpoint belongs to, when known."""
+    uid: str = ""
+    """Random identity given at save time (empty in checkpoints older than this field)."""
+    base_uid: str | None = None
+    """The ``uid`` of that base when the trainables were saved: a base rewritten in place since
+    (a fresh run in the same ``save_dir``) is detected by :func:`check_base`."""
     hf: dict | None = None
     """HF origin: ``{"architecture": ..., "config": <config.json>}`` (base from ``convert-hf``)."""
     contents: list[str] = field(default_factory=list)
@@ -161,6 +167,22 @@ def check_architecture(meta: CheckpointMeta, model: ModelConfig, source: str) ->
     ]
     if diffs:
         raise CheckpointError(f"{source} was saved for another architecture: " + "; ".join(diffs))
+
+
+def new_uid() -> str:
+    """A fresh checkpoint identity."""
+    return uuid.uuid4().hex
+
+
+def check_base(meta: CheckpointMeta, base: CheckpointMeta, source: str, base_dir: Path) -> None:
+    """Raise :class:`CheckpointError` when trainables (``meta``) were saved on top of another
+    base than the one at ``base_dir`` (``base``); checkpoints without identities pass."""
+    if meta.base_uid and base.uid and meta.base_uid != base.uid:
+        raise CheckpointError(
+            f"{source} was trained on another base than {base_dir}: that checkpoint was "
+            f"rewritten or replaced since (base uid {meta.base_uid}, found {base.uid}); "
+            "load the base it was trained on"
+        )
 
 
 def check_plan(meta: CheckpointMeta, plan: HybridPlan, source: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from megatron_hybrid.checkpoint.commit import read_latest, resolve_checkpoint
 from megatron_hybrid.checkpoint.config import CheckpointConfig
 from megatron_hybrid.checkpoint.io import load_model, load_trainables, save_model, save_trainables
-from megatron_hybrid.checkpoint.metadata import read_meta
+from megatron_hybrid.checkpoint.metadata import check_base, read_meta
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.plan import HybridPlan
 
@@ -102,6 +102,14 @@ class RunCheckpointer:
         """Load the resumed trainables, optimizer, RNG and data position; returns the step."""
         if self.resume_from is None:
             return 0
+        if self.base is not None:
+            base_dir = resolve_checkpoint(self.base)
+            check_base(
+                read_meta(self.resume_from),
+                read_meta(base_dir),
+                f"checkpoint {self.resume_from}",
+                base_dir,
+            )
         state = load_trainables(
             self.resume_from,
             chunks,

@@ -20,7 +20,7 @@ import torch
 
 from megatron_hybrid.checkpoint.commit import CheckpointError, resolve_checkpoint, verify_checkpoint
 from megatron_hybrid.checkpoint.io import load_model, load_trainables, save_model
-from megatron_hybrid.checkpoint.metadata import CheckpointMeta, read_meta
+from megatron_hybrid.checkpoint.metadata import CheckpointMeta, check_base, read_meta
 from megatron_hybrid.checkpoint.state import unwrap_chunks
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
@@ -76,7 +76,9 @@ def merge_checkpoint(
     base_path = base or meta.base
     if base_path is None:
         raise CheckpointError(f"{directory} records no base checkpoint; pass the base explicitly")
-    base_meta = read_meta(resolve_checkpoint(base_path))
+    base_dir = resolve_checkpoint(base_path)
+    base_meta = read_meta(base_dir)
+    check_base(meta, base_meta, f"checkpoint {directory}", base_dir)
     model_cfg, plan = meta.model_config(), meta.hybrid_plan()
     chunks = build_model(model_cfg, parallel)
     load_model(base_path, chunks, model_cfg)

@@ -104,6 +104,25 @@ def test_resume_with_a_fresh_optimizer_reloads_its_main_weights(saved, monkeypat
     assert calls == ["reload"]
 
 
+def test_trainables_on_a_base_rewritten_since_are_refused(saved):
+    """A fresh run in a reused save_dir rewrites save_dir/base; older trainables recorded only
+    its path, so merge and resume combined them with a base they were not trained on."""
+    from megatron_hybrid.checkpoint.config import CheckpointConfig
+    from megatron_hybrid.checkpoint.run import RunCheckpointer
+    from megatron_hybrid.convert.merge import merge_checkpoint
+
+    tmp, _ = saved
+    merge_checkpoint(tmp / "run", tmp / "merged_ok", ParallelConfig())  # the same base: fine
+    other = _model(plan=None)
+    save_model(tmp / "base", other, TINY, overwrite=True)  # a new base under the same path
+    with pytest.raises(CheckpointError, match=r"was trained on another base than .*base"):
+        merge_checkpoint(tmp / "run", tmp / "merged", ParallelConfig())
+    assert not (tmp / "merged").exists()
+    run = RunCheckpointer(CheckpointConfig(load_dir=str(tmp / "run")), TINY)
+    with pytest.raises(CheckpointError, match="rewritten or replaced since"):
+        run.restore(_model(), None, TINY_PLAN, {})
+
+
 def test_another_plan_is_named(saved):
     tmp, _ = saved
     other = HybridPlan.from_dict(
