@@ -197,8 +197,13 @@ def probe_weight_deltas(
     *,
     progress: Callable[[int], None] | None = None,
     forward_step: Callable | None = None,
+    on_delta: Callable[[str, torch.Tensor], None] | None = None,
 ) -> ProbeResult:
     """Run the FFT probe group by group; restore every base weight bitwise afterwards.
+
+    ``on_delta(name, dW)``, when given, receives each module's weight change as soon as its
+    group is done, and the result's ``delta`` stays empty: with ``group_size`` set, only one
+    group's fp32 changes are alive at a time (instead of 4 bytes per candidate parameter).
 
     Each group trains alone (other candidates frozen) on the same batches ``batches(0..P-1)``, so
     the result does not depend on how groups are ordered. AdamW runs on fp32 master copies; the
@@ -239,7 +244,11 @@ def probe_weight_deltas(
                     if progress is not None:
                         progress(done)
             for m, master, b in zip(refs, masters, base):
-                deltas[m.name] = master.detach() - b.float()
+                delta = master.detach() - b.float()
+                if on_delta is None:
+                    deltas[m.name] = delta
+                else:
+                    on_delta(m.name, delta)
                 state = opt.state[master]
                 m1, v = state["exp_avg"], state["exp_avg_sq"]
                 # Bias-corrected moments, as the update uses them.

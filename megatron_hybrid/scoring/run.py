@@ -204,16 +204,25 @@ def score_modules(
         for ref in refs:
             local[ref.name].scores.update(_spectral_scores(spectrum(grads.pop(ref.name), ref)))
     elif cfg.method in PROBE_METHODS:
+        by_name = {ref.name: ref for ref in refs}
+
+        def score_delta(name: str, delta: torch.Tensor) -> None:
+            # Scored as soon as its probe group finishes; the fp32 change is dropped after.
+            local[name].scores.update(_spectral_scores(spectrum(delta, by_name[name]), "probe_"))
+
         result = probe_weight_deltas(
-            chunks, refs, batches, cfg.probe, progress=progress, forward_step=forward_step
+            chunks,
+            refs,
+            batches,
+            cfg.probe,
+            progress=progress,
+            forward_step=forward_step,
+            on_delta=score_delta,
         )
         epd = torch.tensor([result.epd_local[ref.name] for ref in refs], dtype=torch.float64)
         if tp > 1 and len(refs):
             dist.all_reduce(epd, group=tp_group)
         for i, ref in enumerate(refs):
-            local[ref.name].scores.update(
-                _spectral_scores(spectrum(result.delta.pop(ref.name), ref), "probe_")
-            )
             local[ref.name].scores["epd"] = float(epd[i])
     for ref in refs:
         local[ref.name].scores["random"] = seeded_uniform(ref.name, cfg.seed)

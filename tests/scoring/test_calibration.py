@@ -250,6 +250,25 @@ def test_probe_takes_every_steps_data_from_the_base():
     assert seen and all(seen)
 
 
+def test_probe_hands_each_change_over_as_its_group_finishes():
+    """With ``on_delta`` the probe keeps no change itself (memory: one group's fp32 changes at a
+    time, not 4 bytes per candidate parameter); the changes are the ones it would return."""
+    chunks = build()
+    refs = local_candidates(chunks)
+    cfg = ProbeConfig(steps=2, lr=1e-2, group_size=3)
+    want = probe_weight_deltas(chunks, refs, batches(), cfg).delta
+    got: dict[str, torch.Tensor] = {}
+
+    def take(name, delta):
+        got[name] = delta
+
+    result = probe_weight_deltas(chunks, refs, batches(), cfg, on_delta=take)
+    assert result.delta == {} and set(result.epd_local) == set(want)
+    assert list(got) == [r.name for r in refs]
+    for name, delta in want.items():
+        torch.testing.assert_close(got[name], delta, rtol=0, atol=0, msg=name)
+
+
 def test_probe_groups_train_alone():
     chunks = build()
     refs = local_candidates(chunks)
