@@ -51,25 +51,27 @@ def policy_gradient_source(
         expanded = [p for p, _ in pairs for _ in range(cfg.group_size)]
         answers = [a for _, a in pairs for _ in range(cfg.group_size)]
         training = [c.training for c in chunks]
-        for c in chunks:
-            c.eval()
-        rollout = generate(
-            chunks,
-            expanded,
-            cfg.sampling,
-            stop_token=stop_token,
-            vocab_size=vocab_size,
-            seed=seed * 7919 + k,
-            micro_batch_size=cfg.micro_batch_size,
-        )
-        old = sequence_logprobs(
-            chunks,
-            rollout.tokens,
-            micro_batch_size=cfg.micro_batch_size,
-            spec=spec,
-        )
-        for c, t in zip(chunks, training):
-            c.train(t)
+        try:
+            for c in chunks:
+                c.eval()
+            rollout = generate(
+                chunks,
+                expanded,
+                cfg.sampling,
+                stop_token=stop_token,
+                vocab_size=vocab_size,
+                seed=seed * 7919 + k,
+                micro_batch_size=cfg.micro_batch_size,
+            )
+            old = sequence_logprobs(
+                chunks,
+                rollout.tokens,
+                micro_batch_size=cfg.micro_batch_size,
+                spec=spec,
+            )
+        finally:
+            for c, t in zip(chunks, training):
+                c.train(t)
         rewards, _ = score_completions(
             reward_fn, [decode(c) for c in rollout.completions()], answers
         )
