@@ -52,7 +52,9 @@ class RunConfig:
     seq_length: int = 16
     """Tokens per row (prompt + answer + end token, right-padded)."""
     seed: int = 1234
-    """Seeds the model init, the data and the adapters."""
+    """Seeds the model init and the data (the adapters' init: ``peft.seed``). A model initialised
+    from the seed depends on the layout too (Megatron's CPU init draws each rank's full matrices
+    in order); to compare layouts, start them from one saved base (``checkpoint.base_dir``)."""
     log_interval: int = 5
     """Print the loss every this many steps."""
 

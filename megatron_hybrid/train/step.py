@@ -63,7 +63,8 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up steps (see :func:`set_learning_rate`)."""
     decay: str = "constant"
-    """After warm-up: ``constant`` or ``cosine`` (to ``min_lr_ratio`` x lr at the last step)."""
+    """After warm-up: ``constant`` or ``cosine`` (to ``min_lr_ratio`` x lr at the last step:
+    with the default floor 0 the last step changes nothing but Adam's moments)."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay, as a fraction of the peak rate."""
 
