@@ -162,7 +162,9 @@ def export_peft(
     spec, original = _spec(meta, arch, directory)
     spec.check_model(model)
     mapping = spec.tensor_mapping(model)
-    tensors = full_tensors(directory)
+    wanted = {f"{n}.{leaf}" for n in plan.names("lora") for leaf in ("lora_A", "lora_B")}
+    wanted |= {f"{n}.{leaf}" for n in plan.names("fft") for leaf in ("weight", "bias")}
+    tensors = full_tensors(directory, keep=wanted.__contains__)  # no optimizer moments
     adapter, targets, alpha_pattern = _lora_tensors(plan, tensors, mapping)
     fft, fft_modules = _fft_tensors(plan, tensors, mapping)
     base = base_model_name_or_path or (original or {}).get("_name_or_path") or None

@@ -9,6 +9,7 @@ at conversion (``convert-hf``) updated from the model config, or built from it (
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,10 +36,19 @@ TOKENIZER_FILES = (
 )
 
 
-def full_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint at full (TP=1) shape, keyed by checkpoint key."""
+def full_tensors(
+    directory: Path, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint at full (TP=1) shape, keyed by checkpoint key; only those
+    whose key ``keep`` accepts (all when None), so that, e.g., an export of a trainables
+    checkpoint does not read its optimizer moments (twice the size of the trainables)."""
     try:
-        return dist_checkpointing.load_plain_tensors(str(directory))
+        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+        if keep is not None:
+            metadata = {k: v for k, v in metadata.items() if keep(k)}
+        # Every process reads whole tensors: the shards overlap, so no integrity check.
+        loaded = dist_checkpointing.load(metadata, str(directory), validate_access_integrity=False)
+        return loaded if keep is None else {k: v for k, v in loaded.items() if keep(k)}
     except Exception as e:  # noqa: BLE001 - name the checkpoint whatever went wrong
         raise CheckpointError(f"cannot read the tensors of {directory}: {e}") from e
 

@@ -123,6 +123,25 @@ def test_trainables_on_a_base_rewritten_since_are_refused(saved):
         run.restore(_model(), None, TINY_PLAN, {})
 
 
+def test_full_tensors_reads_only_the_keys_asked_for(single_rank_runtime, tmp_path):
+    """export-peft reads a trainables checkpoint's adapters and FFT weights, not the optimizer
+    moments saved beside them (twice their size)."""
+    from megatron_hybrid.convert.mcore_to_hf import full_tensors
+    from megatron_hybrid.train.step import OptimConfig, build_optimizer, wrap_ddp
+
+    chunks = _model()
+    ddp = wrap_ddp(chunks)
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3))
+    path = save_trainables(tmp_path, 1, ddp, plan=TINY_PLAN, model_cfg=TINY, optimizer=optimizer)
+    everything = full_tensors(path)
+    model_keys = _keys(model_sharded_state_dict(chunks, "trainables"))
+    assert model_keys < set(everything)  # the optimizer's tensors are there too
+    some = full_tensors(path, keep=model_keys.__contains__)
+    assert set(some) == model_keys
+    for key in model_keys:
+        assert torch.equal(some[key], everything[key]), key
+
+
 def test_another_plan_is_named(saved):
     tmp, _ = saved
     other = HybridPlan.from_dict(
