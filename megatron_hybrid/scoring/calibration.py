@@ -28,7 +28,9 @@ from megatron_hybrid.train.step import Batch, run_schedule
 
 __all__ = ["ProbeConfig", "ProbeResult", "accumulate_gradients", "probe_weight_deltas"]
 
-#: A source of calibration data: returns this DP rank's micro-batches for step ``k``.
+#: A source of calibration data: returns this DP rank's micro-batches for step ``k``. A source
+#: whose loss is not a per-token mean may also define ``normalizer(micro_batches) -> Tensor``,
+#: this rank's share of the step's loss normaliser (default: the loss-mask token count).
 BatchSource = Callable[[int], Sequence[Batch]]
 
 
@@ -62,8 +64,14 @@ def _only_trainable(
         )
 
 
-def _token_count(micro_batches: Sequence[Batch]) -> torch.Tensor:
-    total = torch.stack([b.loss_mask.sum() for b in micro_batches]).sum().double()
+def _token_count(micro_batches: Sequence[Batch], source: BatchSource) -> torch.Tensor:
+    """The step's global loss normaliser: the source's own (sequences for GSPO, a constant for
+    Dr.GRPO), else the loss-mask token count; summed over the data-parallel ranks."""
+    normalizer = getattr(source, "normalizer", None)
+    if normalizer is not None:
+        total = torch.as_tensor(normalizer(micro_batches)).double().reshape(())
+    else:
+        total = torch.stack([b.loss_mask.sum() for b in micro_batches]).sum().double()
     dp = parallel_state.get_data_parallel_group()
     if dp.size() > 1:
         dist.all_reduce(total, group=dp)
@@ -126,7 +134,7 @@ def accumulate_gradients(
             for w in weights:
                 w.grad = None
             run_schedule(chunks, micro, forward_step=forward_step)
-            grads = _mean_grads_over_dp(weights, _token_count(micro))
+            grads = _mean_grads_over_dp(weights, _token_count(micro, batches))
             for m, g in zip(modules, grads):
                 _check_finite(m.name, g, f"the gradient of calibration batch {k}")
                 total[m.name] += g
@@ -232,7 +240,7 @@ def probe_weight_deltas(
                     for w in weights:
                         w.grad = None
                     run_schedule(chunks, micro, forward_step=forward_step)
-                    grads = _mean_grads_over_dp(weights, _token_count(micro))
+                    grads = _mean_grads_over_dp(weights, _token_count(micro, batches))
                     for m, master, g in zip(refs, masters, grads):
                         _check_finite(m.name, g, f"the probe gradient at step {step}")
                         master.grad = g

@@ -18,6 +18,7 @@ import torch
 from megatron_hybrid.rl.advantages import group_advantages
 from megatron_hybrid.rl.generation import LogprobSpec, generate, sequence_logprobs
 from megatron_hybrid.rl.grpo import GRPOConfig, RLBatch, _policy_forward_step, make_micro_batches
+from megatron_hybrid.rl.losses import normalizer_count
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
 
 __all__ = ["policy_gradient_source"]
@@ -79,4 +80,9 @@ def policy_gradient_source(
         cache[k] = make_micro_batches(rollout, old, adv, None, cfg.micro_batch_size)
         return cache[k]
 
+    def normalizer(micro: Sequence[RLBatch]) -> torch.Tensor:
+        # The loss's own normaliser (tokens, sequences or a constant), as the GRPO update uses.
+        return sum(normalizer_count(b.loss_mask, cfg.loss) for b in micro)
+
+    batches.normalizer = normalizer  # read by the calibration passes (see BatchSource)
     return batches, partial(_policy_forward_step, cfg.loss, spec)

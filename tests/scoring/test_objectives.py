@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.rl.generation import SamplingConfig
 from megatron_hybrid.rl.grpo import GRPOConfig
-from megatron_hybrid.rl.losses import get_policy_loss
+from megatron_hybrid.rl.losses import PolicyLossConfig, get_policy_loss, normalizer_count
 from megatron_hybrid.runtime.distributed import ParallelConfig
 from megatron_hybrid.scoring.calibration import accumulate_gradients
 from megatron_hybrid.scoring.objectives import policy_gradient_source
@@ -25,7 +26,10 @@ def _length_reward(completion: str, answer: str, *, end_token: str = "$") -> flo
     return len(completion.split(end_token)[0]) / 10.0
 
 
-def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monkeypatch):
+@pytest.mark.parametrize("loss", ["grpo", "gspo", "dr_grpo"])
+def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monkeypatch, loss):
+    """Each loss with its own normaliser (tokens, sequences, a constant); before, calibration
+    divided every loss by the token count."""
     from megatron_hybrid.rl import rewards
 
     monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "test_length", _length_reward)
@@ -37,6 +41,7 @@ def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monke
         micro_batch_size=5,
         reward="test_length",
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=5),
+        loss=PolicyLossConfig(loss=loss, max_response_length=5),
     )
     pairs = [(tok.encode(p), a) for p, a in ArithTask().sample(3, torch.Generator().manual_seed(1))]
     batches, forward_step = policy_gradient_source(
@@ -57,14 +62,14 @@ def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monke
     for w in weights:
         w.requires_grad_(True)
         w.grad = None
-    total_tokens = sum(float(b.loss_mask.sum()) for b in micro)
+    total = sum(float(normalizer_count(b.loss_mask, cfg.loss)) for b in micro)
     loss_fn = get_policy_loss(cfg.loss.loss)
     for b in micro:
         # The sampler's distribution: softmax over the real vocabulary (padding never sampled).
         logits = chunks[0](b.tokens, b.position_ids, None).float()[..., : tok.vocab_size]
         logprobs = torch.log_softmax(logits, -1).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
         loss, _ = loss_fn(
-            logprobs, b.old_logprobs, b.advantages, b.loss_mask, cfg.loss, normalizer=total_tokens
+            logprobs, b.old_logprobs, b.advantages, b.loss_mask, cfg.loss, normalizer=total
         )
         loss.backward()
     for ref, w in zip(refs, weights):
