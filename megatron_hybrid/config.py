@@ -40,10 +40,15 @@ _YAMLLoader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
-    """A mapping that names a key twice is an error (PyYAML keeps the last value silently)."""
-    loader.flatten_mapping(node)
+    """A mapping that names a key twice is an error (PyYAML keeps the last value silently).
+
+    Checked on the mapping's own keys, before merge keys (``<<: *anchor``) are expanded: a key
+    that overrides a merged one is the point of a merge, not a duplicate.
+    """
     seen: set = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, typing.Hashable):
             if key in seen:

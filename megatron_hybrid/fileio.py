@@ -96,9 +96,11 @@ def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
     (:func:`replace_directory`); when the block raises, it is deleted and ``final`` is untouched.
 
     A ``final`` that exists and is not empty is refused (``FileExistsError`` naming it) unless
-    ``overwrite``: files left in it by an earlier write never mix with the new ones.
+    ``overwrite``: files left in it by an earlier write never mix with the new ones, and with
+    ``overwrite`` everything in it is replaced. An existing empty directory is replaced too
+    (so a mount point, which cannot be renamed, is refused up front).
     """
-    final = Path(final)
+    final = Path(final).absolute()
     check_writable_directory(final, overwrite=overwrite)
     staging = final.parent / f".{final.name}.partial"
     if staging.exists():
@@ -111,16 +113,27 @@ def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(staging)
+        replace_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    replace_directory(staging, final)
 
 
 def check_writable_directory(final: str | Path, *, overwrite: bool) -> None:
     """Refuse an output directory that holds something, unless ``overwrite`` (see
     :func:`staged_directory`); a path that exists but is not a directory is always refused."""
-    final = Path(final)
+    final = Path(final).absolute()
+    cwd = Path.cwd()
+    if final.name in ("", ".", "..") or final == cwd or final in cwd.parents:
+        raise ValueError(
+            f"output directory {final} must be a directory of its own, not the current "
+            "directory or one containing it"
+        )
+    if os.path.ismount(final):
+        raise ValueError(
+            f"output directory {final} is a mount point, which cannot be replaced whole; "
+            "write into a directory inside it"
+        )
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"output {final} exists and is not a directory")
     if final.is_dir() and any(final.iterdir()) and not overwrite:

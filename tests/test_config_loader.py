@@ -269,3 +269,10 @@ def test_a_key_given_twice_in_a_file_is_an_error_naming_it(tmp_path):
         ValueError, match=r"(?s)job.yaml is not valid YAML.*found the key 'steps' twice.*line 3"
     ):
         load_config(QuickstartConfig, path)
+
+
+def test_a_key_that_overrides_a_yaml_merge_is_not_a_duplicate():
+    from megatron_hybrid.config import _load_yaml
+
+    text = "defaults: &d {steps: 3, seq_length: 12}\nrun:\n  <<: *d\n  steps: 5\n"
+    assert _load_yaml(text)["run"] == {"steps": 5, "seq_length": 12}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megatron_hybrid.fileio import atomic_write, atomic_write_text, staged_directory
@@ -72,3 +74,16 @@ def test_staged_directory_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileExistsError, match="not a directory"):
         with staged_directory(tmp_path / "file", overwrite=True):
             pass
+
+
+def test_outputs_that_cannot_be_replaced_whole_are_refused_up_front(tmp_path, monkeypatch):
+    from megatron_hybrid.fileio import check_writable_directory
+
+    monkeypatch.chdir(tmp_path)
+    for out in (".", tmp_path, tmp_path.parent, "/"):
+        with pytest.raises(ValueError, match="not the current directory"):
+            check_writable_directory(out, overwrite=True)
+    check_writable_directory("sub", overwrite=False)  # a new directory below is fine
+    if os.path.ismount("/proc"):
+        with pytest.raises(ValueError, match="is a mount point"):
+            check_writable_directory("/proc", overwrite=True)

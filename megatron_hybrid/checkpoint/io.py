@@ -169,6 +169,7 @@ def save_trainables(
     optimizer=None,
     training_state: dict | None = None,
     base: str | Path | None = None,
+    base_uid: str | None = None,
     keep_last: int | None = None,
     save_rng: bool = True,
 ) -> Path:
@@ -184,6 +185,7 @@ def save_trainables(
         training_state: small picklable values saved in the common part (data position, ...);
             must be identical on all ranks.
         base: path of the base checkpoint these trainables belong to (recorded).
+        base_uid: that base's ``uid`` as loaded (recorded; read from ``base`` when None).
         keep_last: keep this many newest step checkpoints (None keeps all).
     """
     root = Path(root).absolute()
@@ -208,7 +210,9 @@ def save_trainables(
         base=None if base is None else str(Path(base).absolute()),
         contents=contents,
         uid=new_uid(),
-        base_uid=None if base is None else read_meta(resolve_checkpoint(base)).uid or None,
+        base_uid=base_uid
+        if base_uid is not None or base is None
+        else read_meta(resolve_checkpoint(base)).uid or None,
     )
     final = _write(root / step_dir_name(step), sharded, meta, overwrite=True)
 

@@ -181,7 +181,8 @@ def check_base(meta: CheckpointMeta, base: CheckpointMeta, source: str, base_dir
         raise CheckpointError(
             f"{source} was trained on another base than {base_dir}: that checkpoint was "
             f"rewritten or replaced since (base uid {meta.base_uid}, found {base.uid}); "
-            "load the base it was trained on"
+            "load the base it was trained on, or name a base explicitly (merge --base, "
+            "checkpoint.base_dir) to use another one"
         )
 
 

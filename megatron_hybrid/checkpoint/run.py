@@ -67,6 +67,7 @@ class RunCheckpointer:
         self.printer = printer
         self.resume_from = self._resume_path()
         self.base: Path | None = self._base_path()
+        self.base_uid: str | None = None  # the identity of the base actually loaded or saved
 
     def _say(self, text: str) -> None:
         if torch.distributed.get_rank() == 0:
@@ -90,19 +91,22 @@ class RunCheckpointer:
     def prepare_base(self, chunks: Sequence[torch.nn.Module]) -> None:
         """Load the base weights, or save the seed-initialised base once (before the plan)."""
         if self.base is not None:
-            load_model(self.base, chunks, self.model_cfg)
+            self.base_uid = load_model(self.base, chunks, self.model_cfg).uid or None
             self._say(f"base weights from {self.base}")
         elif self.cfg.save_dir is not None:
             self.base = save_model(
                 Path(self.cfg.save_dir) / BASE_SUBDIR, chunks, self.model_cfg, overwrite=True
             )
+            self.base_uid = read_meta(self.base).uid or None
             self._say(f"base weights (from the seed) saved to {self.base}")
 
     def restore(self, chunks, optimizer, plan: HybridPlan, data_state: dict) -> int:
         """Load the resumed trainables, optimizer, RNG and data position; returns the step."""
         if self.resume_from is None:
             return 0
-        if self.base is not None:
+        if self.base is not None and self.cfg.base_dir is None:
+            # The base recorded with the trainables (not one the config names on purpose) must
+            # still be the one they were trained on.
             base_dir = resolve_checkpoint(self.base)
             check_base(
                 read_meta(self.resume_from),
@@ -149,6 +153,7 @@ class RunCheckpointer:
             optimizer=optimizer if cfg.save_optimizer else None,
             training_state=_encode(data_state),
             base=self.base,
+            base_uid=self.base_uid,
             keep_last=cfg.keep_last,
         )
         self._say(f"step {step}: trainables saved to {path}")

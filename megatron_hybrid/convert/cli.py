@@ -57,6 +57,18 @@ def _with_runtime(fn: Callable[[argparse.Namespace], str]) -> Callable[[argparse
     return run
 
 
+def _one_process(args: argparse.Namespace) -> None:
+    """convert-to-hf and export-peft read whole tensors and write one directory: one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(
+            f"{args.command} runs as one process (it reads whole tensors from any layout); "
+            f"start it with python, not torchrun (WORLD_SIZE={world})"
+        )
+
+
 def _refuse_existing_out(args: argparse.Namespace) -> None:
     """Refuse an existing checkpoint ``--out`` before any model is built (the write refuses it
     too, but only after the whole model was built and filled)."""
@@ -107,6 +119,7 @@ def _convert_to_hf(args: argparse.Namespace) -> str:
     directory = resolve_checkpoint(args.checkpoint)
     verify_checkpoint(directory)
     read_meta(directory)
+    _one_process(args)
     _runtime(args, layout=False)
     out = convert_mcore_to_hf(
         directory,
@@ -125,6 +138,7 @@ def _export_peft(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.merge import read_trainables_meta
 
     read_trainables_meta(args.trainables)
+    _one_process(args)
     _runtime(args, layout=False)
     out = export_peft(
         args.trainables,

@@ -78,7 +78,8 @@ def merge_checkpoint(
         raise CheckpointError(f"{directory} records no base checkpoint; pass the base explicitly")
     base_dir = resolve_checkpoint(base_path)
     base_meta = read_meta(base_dir)
-    check_base(meta, base_meta, f"checkpoint {directory}", base_dir)
+    if base is None:  # the recorded base must still be the one trained on; --base is a choice
+        check_base(meta, base_meta, f"checkpoint {directory}", base_dir)
     model_cfg, plan = meta.model_config(), meta.hybrid_plan()
     chunks = build_model(model_cfg, parallel)
     load_model(base_path, chunks, model_cfg)

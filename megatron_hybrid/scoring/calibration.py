@@ -1,13 +1,13 @@
 """Calibration passes that produce, per candidate module, a matrix sharded like its weight.
 
-* :func:`accumulate_gradients`: ``G = sum_k grad_k`` of the per-token loss over K calibration
-  micro-batches, run through Megatron's pipeline schedule at any TP/PP layout, averaged over
+* :func:`accumulate_gradients`: ``G = sum_k grad_k`` of the loss (a per-token mean, or the
+  source's own normaliser) over K calibration steps, run through Megatron's pipeline schedule at any TP/PP layout, averaged over
   data-parallel replicas. Only the candidate weights require grad during the pass, so no gradient
   of any other parameter is ever allocated.
 * :func:`probe_weight_deltas`: a short full-fine-tuning probe (P AdamW steps from the base) of the
   candidates, in groups so that optimizer state for all candidates is never held at once; returns
-  each module's weight change ``dW`` and the Adam moments' ``sum m^2 / (sqrt(v) + eps)`` (EPD), then
-  restores the base weights bitwise.
+  (or hands to a callback as each group finishes) each module's weight change ``dW``, and the Adam
+  moments' ``sum m^2 / (sqrt(v) + eps)`` (EPD), then restores the base weights bitwise.
 
 Both leave every ``requires_grad`` flag and ``.grad`` as they found them.
 """
@@ -64,7 +64,7 @@ def _only_trainable(
         )
 
 
-def _token_count(micro_batches: Sequence[Batch], source: BatchSource) -> torch.Tensor:
+def _normalizer(micro_batches: Sequence[Batch], source: BatchSource) -> torch.Tensor:
     """The step's global loss normaliser: the source's own (sequences for GSPO, a constant for
     Dr.GRPO), else the loss-mask token count; summed over the data-parallel ranks."""
     normalizer = getattr(source, "normalizer", None)
@@ -81,7 +81,8 @@ def _token_count(micro_batches: Sequence[Batch], source: BatchSource) -> torch.T
 def _mean_grads_over_dp(
     params: Sequence[torch.nn.Parameter], tokens: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Per-token-mean gradients, summed over data-parallel ranks (the global-batch gradient)."""
+    """Gradients divided by the step's global normaliser (``tokens``, from :func:`_normalizer`),
+    summed over data-parallel ranks: the global-batch gradient."""
     dp = parallel_state.get_data_parallel_group()
     out = []
     for p in params:
@@ -134,7 +135,7 @@ def accumulate_gradients(
             for w in weights:
                 w.grad = None
             run_schedule(chunks, micro, forward_step=forward_step)
-            grads = _mean_grads_over_dp(weights, _token_count(micro, batches))
+            grads = _mean_grads_over_dp(weights, _normalizer(micro, batches))
             for m, g in zip(modules, grads):
                 _check_finite(m.name, g, f"the gradient of calibration batch {k}")
                 total[m.name] += g
@@ -240,7 +241,7 @@ def probe_weight_deltas(
                     for w in weights:
                         w.grad = None
                     run_schedule(chunks, micro, forward_step=forward_step)
-                    grads = _mean_grads_over_dp(weights, _token_count(micro, batches))
+                    grads = _mean_grads_over_dp(weights, _normalizer(micro, batches))
                     for m, master, g in zip(refs, masters, grads):
                         _check_finite(m.name, g, f"the probe gradient at step {step}")
                         master.grad = g

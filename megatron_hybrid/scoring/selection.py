@@ -14,6 +14,7 @@ Ties are broken by name (ascending), so every rank computes the same selection.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,11 +55,11 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         if (
             isinstance(self.budget, bool)
-            or not isinstance(self.budget, (int, float))
+            or not isinstance(self.budget, numbers.Real)
             or not 0 < self.budget <= 1
         ):
             raise ValueError(f"select.budget must be in (0, 1], got {self.budget!r}")
-        self.budget = float(self.budget)  # a NumPy float passes the checks; its repr is odd
+        self.budget = float(self.budget)  # NumPy floats too; the exact budget uses repr()
         if self.budget_unit not in ("modules", "params"):
             raise ValueError(
                 f"select.budget_unit must be 'modules' or 'params', got {self.budget_unit!r}"

@@ -121,6 +121,10 @@ def test_trainables_on_a_base_rewritten_since_are_refused(saved):
     run = RunCheckpointer(CheckpointConfig(load_dir=str(tmp / "run")), TINY)
     with pytest.raises(CheckpointError, match="rewritten or replaced since"):
         run.restore(_model(), None, TINY_PLAN, {})
+    # A base named explicitly is the user's choice: accepted.
+    merge_checkpoint(tmp / "run", tmp / "merged", ParallelConfig(), base=tmp / "base")
+    cfg = CheckpointConfig(load_dir=str(tmp / "run"), base_dir=str(tmp / "base"))
+    assert RunCheckpointer(cfg, TINY).restore(_model(), None, TINY_PLAN, {}) == 7
 
 
 def test_full_tensors_reads_only_the_keys_asked_for(single_rank_runtime, tmp_path):

@@ -42,3 +42,16 @@ def test_bad_inputs_exit_2_and_name_the_input(tmp_path, capsys, argv, message):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"megatron-hybrid {argv[0]}: error:")
+
+
+def test_one_process_commands_refuse_torchrun(tmp_path, capsys, monkeypatch):
+    """Several ranks would race on one output directory (each stages and renames it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = tmp_path / "run"
+    (run / "iter_0000001").mkdir(parents=True)
+    argv = ["export-peft", "--trainables", str(run / "iter_0000001"), "--out", str(tmp_path / "a")]
+    monkeypatch.setattr(
+        "megatron_hybrid.convert.merge.read_trainables_meta", lambda path: (path, None)
+    )
+    assert main(argv) == 2
+    assert "export-peft runs as one process" in capsys.readouterr().err

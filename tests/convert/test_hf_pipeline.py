@@ -179,4 +179,5 @@ def test_outputs_are_refused_when_they_exist_and_replaced_whole_with_overwrite(
 
     # merge / convert-hf refuse an existing --out before building the model.
     assert main(["merge", "--trainables", str(d / "run"), "--out", str(d / "merged")]) == 2
-    assert "merged already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "merged already exists" in err and "--overwrite" in err

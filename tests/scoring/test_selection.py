@@ -365,9 +365,11 @@ def test_a_numpy_budget_works_like_the_same_python_float():
     (``Fraction(repr(...))``) with a message that did not name select.budget."""
     np = pytest.importorskip("numpy")
     cands = model_candidates([float(i) for i in range(30)])
-    cfg = SelectionConfig(budget=np.float64(0.1))
-    assert type(cfg.budget) is float
-    assert select_fft_modules(cands, cfg) == select_fft_modules(cands, SelectionConfig(budget=0.1))
+    want = select_fft_modules(cands, SelectionConfig(budget=0.25))
+    for budget in (np.float64(0.25), np.float32(0.25)):
+        cfg = SelectionConfig(budget=budget)
+        assert type(cfg.budget) is float
+        assert select_fft_modules(cands, cfg) == want
 
 
 @pytest.mark.parametrize(

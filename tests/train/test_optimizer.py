@@ -50,7 +50,8 @@ def test_loraplus_ratio_is_validated():
         OptimConfig(lr=1e-3, loraplus_lr_ratio=0)
 
 
-def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime):
+@pytest.mark.parametrize("lora_lr_mult", [1.0, 3.0])  # Megatron's default groups / ours
+def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime, lora_lr_mult):
     """A step with zero gradients moves a parameter only through weight decay: the fully
     fine-tuned module's weight decays by lr x wd, its bias (Megatron's wd_mult = 0) does not."""
     from megatron_hybrid.models.config import ModelConfig
@@ -75,7 +76,7 @@ def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime):
     apply_hybrid_plan(chunks, spec.resolve(candidate_names(chunks)))
     ddp = wrap_ddp(chunks)
     lr, wd = 1e-2, 0.1
-    opt = build_optimizer(ddp, OptimConfig(lr=lr, weight_decay=wd, lora_lr_mult=3.0))
+    opt = build_optimizer(ddp, OptimConfig(lr=lr, weight_decay=wd, lora_lr_mult=lora_lr_mult))
     module = ddp[0].module.get_submodule(fft)
     module.bias.data.fill_(1.0)
     module.weight.data.fill_(1.0)
