@@ -98,7 +98,7 @@ def _type_problem(tp: Any, value: Any) -> str | None:
     allowed, what = rule
     if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
         return None
-    return what + (" or null" if _is_optional(tp) else "")
+    return what  # from_dict adds "or null" for optional fields
 
 
 def _is_optional(tp: Any) -> bool:

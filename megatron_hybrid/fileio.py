@@ -16,9 +16,11 @@ __all__ = [
     "atomic_write_text",
     "check_writable_directory",
     "fsync_dir",
+    "fsync_tree",
     "replace_directory",
     "replaced_sibling",
     "staged_directory",
+    "staging_sibling",
 ]
 
 
@@ -39,7 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], object], *, binary: boo
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -59,6 +61,23 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file under ``directory``, then the directory itself (before renaming it)."""
+    directory = Path(directory)
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def staging_sibling(final: str | Path) -> Path:
+    """The hidden directory next to ``final`` where it is written before the rename
+    (``.NAME.partial``)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.partial"
 
 
 def replaced_sibling(final: str | Path) -> Path:
@@ -102,17 +121,13 @@ def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
     """
     final = Path(final).absolute()
     check_writable_directory(final, overwrite=overwrite)
-    staging = final.parent / f".{final.name}.partial"
+    staging = staging_sibling(final)
     if staging.exists():
         shutil.rmtree(staging)  # left by a killed write
     staging.mkdir(parents=True)
     try:
         yield staging
-        for p in staging.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(staging)
+        fsync_tree(staging)
         replace_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,10 +156,6 @@ def check_writable_directory(final: str | Path, *, overwrite: bool) -> None:
             f"output directory {final} already exists and is not empty; "
             "choose another one or pass --overwrite to replace it"
         )
-
-
-def _umask() -> int:
-    return _UMASK
 
 
 def _read_umask() -> int:

@@ -23,7 +23,13 @@ import re
 import shutil
 from pathlib import Path
 
-from megatron_hybrid.fileio import fsync_dir, replace_directory, replaced_sibling
+from megatron_hybrid.fileio import (
+    fsync_dir,
+    fsync_tree,
+    replace_directory,
+    replaced_sibling,
+)
+from megatron_hybrid.fileio import staging_sibling as staging_path
 
 __all__ = [
     "LATEST_FILE",
@@ -55,21 +61,6 @@ def step_dir_name(step: int) -> str:
     if type(step) is not int or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
     return f"iter_{step:07d}"
-
-
-def staging_path(final: Path) -> Path:
-    """Hidden sibling directory where the checkpoint for ``final`` is written."""
-    final = Path(final)
-    return final.parent / f".{final.name}.partial"
-
-
-def _fsync(path: Path) -> None:
-    fsync_dir(path) if path.is_dir() else _fsync_file(path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _replaced(final: Path) -> Path | None:
@@ -116,9 +107,7 @@ def commit_staging(final: Path) -> Path:
     files = _files(staging)
     manifest = staging / MANIFEST_FILE
     manifest.write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
-    for name in [*files, MANIFEST_FILE]:
-        _fsync(staging / name)
-    _fsync(staging)
+    fsync_tree(staging)
     return replace_directory(staging, final)
 
 
@@ -166,7 +155,7 @@ def write_latest(root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST_FILE)
-    _fsync(root)
+    fsync_dir(root)
 
 
 def read_latest(root: Path) -> Path | None:

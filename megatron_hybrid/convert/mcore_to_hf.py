@@ -48,6 +48,7 @@ def full_tensors(
             metadata = {k: v for k, v in metadata.items() if keep(k)}
         # Every process reads whole tensors: the shards overlap, so no integrity check.
         loaded = dist_checkpointing.load(metadata, str(directory), validate_access_integrity=False)
+        # load() adds the checkpoint's common (non-tensor) state; ``keep`` applies to it too.
         return loaded if keep is None else {k: v for k, v in loaded.items() if keep(k)}
     except Exception as e:  # noqa: BLE001 - name the checkpoint whatever went wrong
         raise CheckpointError(f"cannot read the tensors of {directory}: {e}") from e

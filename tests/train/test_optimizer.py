@@ -54,22 +54,16 @@ def test_loraplus_ratio_is_validated():
 def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime, lora_lr_mult):
     """A step with zero gradients moves a parameter only through weight decay: the fully
     fine-tuned module's weight decays by lr x wd, its bias (Megatron's wd_mult = 0) does not."""
-    from megatron_hybrid.models.config import ModelConfig
+    from dataclasses import replace
+
     from megatron_hybrid.models.provider import build_model
     from megatron_hybrid.peft.apply import apply_hybrid_plan, candidate_names
     from megatron_hybrid.peft.config import LoRAConfig
     from megatron_hybrid.peft.plan import PeftSpec
     from megatron_hybrid.train.step import wrap_ddp
+    from tests.tiny_hybrid import MODEL
 
-    model = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        vocab_size=32,
-        max_sequence_length=16,
-        add_bias_linear=True,
-    )
+    model = replace(MODEL, add_bias_linear=True)
     chunks = build_model(model, single_rank_runtime)
     fft = "decoder.layers.1.mlp.linear_fc1"
     spec = PeftSpec(fft_modules=[fft], lora=LoRAConfig(rank=2))
