@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default; integer answers, partial credit per digit, exact match for the accuracy), "
         "exact_int, or math (\\boxed{} / plain math answers); at most "
         "grpo.grpo.sampling.max_new_tokens (default 6) tokens are generated. Rows are checked "
-        "before training. Defaults: score.method=probe_residual, lora.rank=4 lora.alpha=8, "
+        "before training. Defaults: score.method=residual, lora.rank=4 lora.alpha=8, "
         "seq_length=64, data.holdout_fraction=0.1. Only the linear modules train (embeddings, "
         "norms and head stay frozen in every mode). The weights are saved to <out>/checkpoint "
         "(save=false to skip) for `megatron-hybrid merge` / `export-peft`."

@@ -54,9 +54,10 @@ SCORE_METHODS = (*GRADIENT_METHODS, *PROBE_METHODS, "random")
 class ScoreConfig:
     """How candidate modules are scored (the ``score:`` section)."""
 
-    method: str = "probe_residual"
-    """Which score decides; one of :data:`SCORE_METHODS`. Default: the probe residual, the only
-    score that beat random selection in the prototype (docs/method.md)."""
+    method: str = "residual"
+    """Which score decides; one of :data:`SCORE_METHODS`. Default: the gradient residual, the best
+    registry score in each of this project's three measured regimes and the cheapest (no probe, no
+    optimizer state); docs/method.md has the evidence, including the prototype's opposite result."""
     rank: int | None = None
     """r in the residual (energy beyond the top-r singular values); None = the LoRA rank."""
     solver: str = "auto"

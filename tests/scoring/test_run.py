@@ -111,8 +111,8 @@ def test_a_probe_mapping_becomes_a_probe_config():
     assert cfg.probe == ProbeConfig(steps=3, group_size=2)
 
 
-def test_the_default_method_is_the_probe_residual():
-    assert ScoreConfig().method == "probe_residual"
+def test_the_default_method_is_the_gradient_residual():
+    assert ScoreConfig().method == "residual"
     assert set(SCORE_METHODS) == {*GRADIENT_METHODS, *PROBE_METHODS, "random"}
 
 
