@@ -174,6 +174,14 @@ def _validate(
         if isinstance(module, LoRAParallelLinear):
             problems.append(f"{name}: already wrapped with LoRA (a plan can be applied only once)")
             continue
+        if decision.mode in ("lora", "fft") and getattr(module, "weight", None) is None:
+            # Megatron builds a tied output layer without a weight of its own: its forward
+            # takes the word embedding's weight as an argument.
+            problems.append(
+                f"{name}: has no weight of its own (an output layer tied to the word embedding, "
+                "untie_embeddings_and_output_weights=false); untie them or leave it out of the plan"
+            )
+            continue
         if decision.mode == "lora":
             if not isinstance(module, (*COLUMN_TYPES, *ROW_TYPES)):
                 problems.append(

@@ -212,6 +212,14 @@ class LoRAParallelLinear(torch.nn.Module):
         """This rank's shard of ``s * B A`` in the base weight's local layout (fp32)."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
+    def backward_dw(self) -> None:
+        """Megatron's delayed weight-gradient call (``delay_wgrad_compute``; attention and MLP call
+        it on their linears): forwarded to the base layer. The adapters' gradients are ordinary
+        autograd gradients, already taken in the backward pass."""
+        backward_dw = getattr(self.base_layer, "backward_dw", None)
+        if backward_dw is not None:
+            backward_dw()
+
     # -- merge -----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
@@ -349,7 +357,10 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
         )
         self.lora_A = self._new_param(a)
         self.lora_B = self._new_param(_shard_rows(b, self.tp_rank, self.tp_size, self.gated))
-        set_tensor_model_parallel_attributes(self.lora_B, True, 0, 1)
+        # B's local rows are laid out as the base weight's ([gate_i; up_i] for a gated fc1, which
+        # Megatron marks partition_stride=2); tools that regroup shards read the stride.
+        stride = getattr(self.base_layer.weight, "partition_stride", 2 if self.gated else 1)
+        set_tensor_model_parallel_attributes(self.lora_B, True, 0, stride)
         self.lora_A.sequence_parallel = self.sequence_parallel
         self.lora_B.sequence_parallel = False
         self._tag_adapters()
@@ -383,7 +394,11 @@ class LoRAColumnParallelLinear(LoRAParallelLinear):
         y = F.linear(z, self.lora_B) * self.scaling  # [s, b, out/t]
         if self.lora_config.dropout_position == "post":
             y = self._dropout(y, sharded=True)
-        if getattr(base, "gather_output", False) or kwargs.get("runtime_gather_output"):
+        # Megatron's rule: an explicit runtime_gather_output (keyword, or the positional after
+        # weight) overrides the layer's gather_output.
+        runtime_gather = kwargs.get("runtime_gather_output", args[1] if len(args) > 1 else None)
+        gather = getattr(base, "gather_output", False) if runtime_gather is None else runtime_gather
+        if gather:
             y = gather_from_tensor_model_parallel_region(y, group=self.tp_group)
         return out + y, bias
 

@@ -164,6 +164,12 @@ class PeftSpec:
         fft = select("fft_modules", self.fft_modules) - excluded
         lora = select("target_modules", self.target_modules) - excluded - fft
         select("rank_overrides", list(self.rank_overrides))
+        for p in self.rank_overrides:
+            if not any(match_pattern(p, n) for n in lora):
+                raise ValueError(
+                    f"peft.rank_overrides: pattern {p!r} matches no LoRA module (only modules that "
+                    "are fully fine-tuned or excluded), so its rank would never apply"
+                )
         modules: dict[str, ModuleDecision] = {n: ModuleDecision("fft") for n in fft}
         for n in lora:
             rank = next((r for p, r in self.rank_overrides.items() if match_pattern(p, n)), None)

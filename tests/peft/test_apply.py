@@ -515,3 +515,92 @@ def test_a_plan_invalid_on_one_pipeline_stage_fails_on_every_stage_unapplied():
 
     out = launch(worker_path("plan_validation_pp"), 2, timeout=180).stdout
     assert "OK rank 0" in out and "OK rank 1" in out, out
+
+
+# -- Megatron call contracts the wrappers must keep --------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "fft"])
+def test_a_tied_output_layer_is_refused_naming_it(mode):
+    """Megatron builds a tied output layer without a weight (it borrows the embedding's)."""
+    from dataclasses import replace
+
+    chunks = build(replace(MODEL, untie_embeddings_and_output_weights=False))
+    before = state(chunks)
+    with pytest.raises(ValueError, match=r"output_layer: has no weight of its own .*untie"):
+        apply_hybrid_plan(chunks, _plan(_GOOD, ("output_layer", ModuleDecision(mode))))
+    assert state(chunks) == before
+
+
+def test_lora_b_keeps_the_base_weights_partition_stride():
+    """The gated fc1's local rows are [gate_i; up_i] like its weight (stride 2); qkv's stride 1."""
+    chunks = build()
+    apply_hybrid_plan(chunks, lora_only_plan(chunks))
+    for kind_, stride in (("mlp.linear_fc1", 2), ("self_attention.linear_qkv", 1)):
+        wrapper = chunks[0].get_submodule(f"decoder.layers.0.{kind_}")
+        assert wrapper.base_layer.weight.partition_stride == stride
+        assert wrapper.lora_B.partition_stride == stride
+
+
+def test_delayed_weight_gradient_calls_reach_the_base_layers(monkeypatch):
+    """Attention and MLP call backward_dw() on their linears (delay_wgrad_compute)."""
+    chunks = build()
+    apply_hybrid_plan(chunks, lora_only_plan(chunks))
+    layer = chunks[0].decoder.layers[0]
+    called = []
+    for wrapper in iter_lora_modules([layer]):
+        monkeypatch.setattr(
+            # (0.16.1's local RowParallelLinear has no backward_dw of its own; TE's layers do)
+            wrapper.base_layer,
+            "backward_dw",
+            lambda n=wrapper.name: called.append(n),
+            raising=False,
+        )
+    layer.self_attention.backward_dw()
+    layer.mlp.backward_dw()
+    assert sorted(called) == sorted(w.name for w in iter_lora_modules([layer]))
+
+
+@pytest.mark.parametrize(
+    ("gather_output", "args", "kwargs", "gathers"),
+    [
+        (False, (), {}, False),
+        (True, (), {}, True),
+        (True, (), {"runtime_gather_output": False}, False),
+        (False, (), {"runtime_gather_output": True}, True),
+        (True, (None, False), {}, False),  # positional, after weight
+        (False, (None, True), {}, True),
+    ],
+)
+def test_the_adapter_gathers_its_output_exactly_when_the_base_does(
+    monkeypatch, gather_output, args, kwargs, gathers
+):
+    """Megatron's rule: an explicit runtime_gather_output overrides the layer's gather_output."""
+    import megatron.core.tensor_parallel.layers as layers
+
+    import megatron_hybrid.peft.lora as lora_mod
+
+    chunks = build()
+    apply_hybrid_plan(chunks, lora_only_plan(chunks))
+    wrapper = chunks[0].get_submodule("decoder.layers.0.self_attention.linear_qkv")
+    wrapper.base_layer.gather_output = gather_output
+    calls = {"base": 0, "adapter": 0}
+
+    def counting(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(
+        layers,
+        "gather_from_tensor_model_parallel_region",
+        counting("base", layers.gather_from_tensor_model_parallel_region),
+    )
+    monkeypatch.setattr(
+        lora_mod,
+        "gather_from_tensor_model_parallel_region",
+        counting("adapter", lora_mod.gather_from_tensor_model_parallel_region),
+    )
+    x = torch.randn(3, 2, MODEL.hidden_size)
+    wrapper(x, *args, **kwargs)
+    assert calls == {"base": int(gathers), "adapter": int(gathers)}

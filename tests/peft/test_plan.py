@@ -123,9 +123,19 @@ def test_rank_overrides_first_matching_pattern_wins():
 
 
 def test_rank_overrides_do_not_touch_fft_modules():
-    spec = PeftSpec(fft_modules=["linear_qkv"], rank_overrides={"linear_qkv": 16})
+    spec = PeftSpec(fft_modules=["decoder.layers.0.*"], rank_overrides={"linear_qkv": 16})
     plan = spec.resolve(NAMES)
-    assert all(plan.modules[name(i, "linear_qkv")] == ModuleDecision("fft") for i in range(3))
+    assert plan.modules[name(0, "linear_qkv")] == ModuleDecision("fft")
+    assert all(plan.modules[name(i, "linear_qkv")] == ModuleDecision("lora", 16) for i in (1, 2))
+
+
+@pytest.mark.parametrize(
+    "other", [{"fft_modules": ["linear_qkv"]}, {"exclude_modules": ["linear_qkv"]}]
+)
+def test_a_rank_override_that_reaches_no_lora_module_is_refused(other):
+    spec = PeftSpec(rank_overrides={"linear_fc1": 8, "linear_qkv": 16}, **other)
+    with pytest.raises(ValueError, match=r"rank_overrides: pattern 'linear_qkv' matches no LoRA"):
+        spec.resolve(NAMES)
 
 
 def test_spec_carries_lora_config_and_seed_into_the_plan():
