@@ -1,8 +1,11 @@
 """The reference policy without a second model.
 
-LoRA modes: the reference is the model with adapters bypassed. FFT / hybrid modes: only the
-trained full weights differ from the reference, so we keep a copy of just those (the FFT modules'
-initial weights) and swap them in for the reference forward pass.
+The reference is the policy at construction. LoRA modes: with B (or A) initialised to zero the
+adapters add nothing at the start, so the reference is the model with adapters bypassed; when an
+adapter starts with a nonzero product (``lora.b_init`` other than ``zero``) its initial A and B are
+kept and swapped in instead. FFT / hybrid modes: only the trained full weights differ from the
+reference, so we keep a copy of just those (the FFT modules' initial weights) and swap them in for
+the reference forward pass.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_hybrid.peft.lora import LoRAParallelLinear, adapters_disabled
+from megatron_hybrid.peft.lora import adapters_disabled, iter_lora_modules
 
 __all__ = ["ReferencePolicy"]
 
@@ -20,26 +23,30 @@ __all__ = ["ReferencePolicy"]
 class ReferencePolicy:
     """Snapshot of the trainable full weights at construction; :meth:`active` swaps them in.
 
-    Memory: one copy of the FFT parameters (zero for pure LoRA), never a second model.
+    Memory: one copy of the FFT parameters (zero for pure LoRA), never a second model; plus the
+    adapters themselves when one of them starts with a nonzero ``B A``.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module]) -> None:
         self.chunks = list(chunks)
         self._full: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        adapters = list(iter_lora_modules(self.chunks))
+        lora_params = {id(p) for m in adapters for p in (m.lora_A, m.lora_B)}
         for chunk in self.chunks:
-            lora_params = {
-                id(p)
-                for m in chunk.modules()
-                if isinstance(m, LoRAParallelLinear)
-                for p in (m.lora_A, m.lora_B)
-            }
             for p in chunk.parameters():
                 if p.requires_grad and id(p) not in lora_params:
                     self._full.append((p, p.detach().clone()))
+        # Bypassing is exact only for adapters whose product starts at zero; otherwise keep them.
+        # Either way each rank's modules compute the initial policy, so ranks need not agree.
+        self._bypass = all(
+            not torch.any(m.lora_B).item() or not torch.any(m.lora_A).item() for m in adapters
+        )
+        if not self._bypass:
+            self._full += [(p, p.detach().clone()) for m in adapters for p in (m.lora_A, m.lora_B)]
 
     @property
     def snapshot_numel(self) -> int:
-        """Elements kept for the reference (the FFT parameters)."""
+        """Elements kept for the reference (the FFT parameters, and nonzero-start adapters)."""
         return sum(t.numel() for _, t in self._full)
 
     @contextlib.contextmanager
@@ -50,7 +57,7 @@ class ReferencePolicy:
             for p, ref in self._full:
                 p.copy_(ref)
         try:
-            with adapters_disabled(self.chunks):
+            with adapters_disabled(self.chunks) if self._bypass else contextlib.nullcontext():
                 yield
         finally:
             with torch.no_grad():

@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 END_TOKEN = "$"
-"""The arithmetic task's end-of-answer token (``CharTokenizer.EOS``)."""
+"""The arithmetic task's end-of-answer token (``CharTokenizer.EOS``). The integer rewards take it
+as ``end_token`` only when asked: a completion from the pipeline ends at its stop token anyway, and
+for an HF tokenizer a ``$`` is text (``"The answer is $18."``), not an end marker."""
 
 RewardFn = Callable[[str, str], float]
 
@@ -102,8 +104,8 @@ def _canonical_int(text: str) -> tuple[bool, str]:
 _FIRST_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?(?:/\d+)?")
 
 
-def _first_int(completion: str, end_token: str) -> tuple[bool, str] | None:
-    """The first number before ``end_token`` if it is an integer (``1,000`` and ``7.0`` are;
+def _first_int(completion: str, end_token: str | None) -> tuple[bool, str] | None:
+    """The first number (before ``end_token``, if given) if it is an integer (``1,000`` and ``7.0`` are;
     ``3.5`` and ``3/4`` are not: None, so they cannot pass for their leading ``3``)."""
     found = _FIRST_NUMBER.search(completion.split(end_token, 1)[0] if end_token else completion)
     if found is None or "/" in found.group():
@@ -122,8 +124,9 @@ def _answer_int(answer: str) -> tuple[bool, str]:
 
 
 @register_reward_function("exact_int")
-def exact_int(completion: str, answer: str, *, end_token: str = END_TOKEN) -> float:
-    """1.0 if the first integer before ``end_token`` equals the integer ``answer``, else 0.0.
+def exact_int(completion: str, answer: str, *, end_token: str | None = None) -> float:
+    """1.0 if the first integer of ``completion`` (before ``end_token``, when one is given) equals
+    the integer ``answer``, else 0.0.
 
     Leading zeros, a ``+`` sign, thousands separators and a zero decimal part are ignored
     (``"007"``, ``"+7"`` and ``"7.0"`` equal ``"7"``); a first number that is not an integer
@@ -133,7 +136,7 @@ def exact_int(completion: str, answer: str, *, end_token: str = END_TOKEN) -> fl
 
 
 @register_reward_function("digit_partial")
-def digit_partial(completion: str, answer: str, *, end_token: str = END_TOKEN) -> float:
+def digit_partial(completion: str, answer: str, *, end_token: str | None = None) -> float:
     """Dense partial credit for integer answers; 1.0 exactly when ``exact_int`` gives 1.0.
 
     With ``p`` and ``a`` the digit strings of the predicted and true integers (no sign, no leading

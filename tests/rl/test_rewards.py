@@ -42,8 +42,9 @@ except Exception:  # noqa: BLE001 - same guard as the module's
         ("-12$", "-12", 1.0),
         ("+7$", "7", 1.0),
         ("12$", "-12", 0.0),
-        ("16$8", "168", 0.0),  # only what precedes the end token counts
-        ("$168", "168", 0.0),
+        ("16$8", "168", 0.0),
+        ("$168", "168", 1.0),  # a $ is text (HF tokenizers: "The answer is $18.")
+        ("The answer is $18.", "18", 1.0),
         ("169$", "168", 0.0),
         ("abc$", "168", 0.0),
         ("", "0", 0.0),
@@ -69,6 +70,15 @@ def test_end_token_is_the_arithmetic_tokenizers():
 
     assert END_TOKEN == CharTokenizer.EOS
     assert exact_int("5</s>", "5", end_token="</s>") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [("16$8", "168", 0.0), ("$168", "168", 0.0), ("168$999", "168", 1.0), ("168$", "168", 1.0)],
+)
+def test_an_explicit_end_token_ends_the_completion(completion, answer, expected):
+    assert exact_int(completion, answer, end_token=END_TOKEN) == expected
+    assert (digit_partial(completion, answer, end_token=END_TOKEN) == 1.0) == (expected == 1.0)
 
 
 def test_exact_int_rejects_a_non_integer_answer():
