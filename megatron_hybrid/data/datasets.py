@@ -278,11 +278,19 @@ def _column(table, field: str, name: str) -> list:
 
     A json column mixing types (e.g. numbers and strings) gets ``datasets``' ``Json`` feature,
     which stores strings that parse as JSON unquoted, so ``"007"``, ``"[1]"`` and ``"1e3"`` come
-    back as 7, [1] and 1000.0. For such a column the file itself is read with :mod:`json`.
+    back as 7, [1] and 1000.0; a json column Arrow reads as floats (integers mixed with decimals,
+    or an integer beyond int64) rounds integers above 2**53. For such columns the file itself is
+    read with :mod:`json`, whose integers are exact.
     """
     import datasets
 
-    if not isinstance(table.features[field], datasets.Json) or not Path(name).is_file():
+    feature = table.features[field]
+    floats = isinstance(feature, datasets.Value) and feature.dtype.startswith("float")
+    if (
+        not (isinstance(feature, datasets.Json) or floats)
+        or Path(name).suffix not in (".json", ".jsonl")
+        or not Path(name).is_file()
+    ):
         return list(table[field])
     text = Path(name).read_text(encoding="utf-8")
     try:
@@ -325,5 +333,10 @@ def _as_text(value, name: str, row: int, field: str) -> str:
         if not math.isfinite(value):
             raise ValueError(f"{name}: row {row}: field {field!r} is {value}")
         if value.is_integer():
+            if abs(value) > 2**53:  # e.g. a parquet float column: the digits are already lost
+                raise ValueError(
+                    f"{name}: row {row}: field {field!r} is the float {value!r}, an integer too "
+                    "large to be exact in floating point; store it as a string or an integer"
+                )
             return str(int(value))
     return str(value)

@@ -67,6 +67,26 @@ def test_numbers_become_strings_and_whole_floats_lose_the_point(tmp_path):
     assert [ds[i] for i in range(2)] == [("7", "7"), ("x", "7.5")]
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"q": "a", "a": 12345678901234567891}, {"q": "b", "a": 2}],  # beyond int64
+        [{"q": "a", "a": 9007199254740993}, {"q": "b", "a": 1.5}],  # mixed with a decimal
+    ],
+)
+def test_large_integer_answers_stay_exact(tmp_path, rows):
+    """Arrow reads both columns as float64, which rounds integers above 2**53."""
+    ds = PromptDataset.from_config(config(tmp_path, write_jsonl(tmp_path / "big.jsonl", rows)))
+    assert ds.answers == [str(r["a"]) for r in rows]
+
+
+def test_a_float_too_large_to_be_an_exact_integer_is_refused(tmp_path):
+    f = tmp_path / "big.parquet"
+    datasets.Dataset.from_list([{"q": "a", "a": 1.5}, {"q": "b", "a": 2.0**60}]).to_parquet(str(f))
+    with pytest.raises(ValueError, match=r"row 1: field 'a' is the float .* too large"):
+        PromptDataset.from_config(config(tmp_path, f))
+
+
 def test_mixed_type_json_columns_keep_their_strings(tmp_path):
     # datasets' Json feature would turn these strings into 7, [1, 2] and 1000.0.
     rows = [{"q": "a", "a": 7}, {"q": "b", "a": "007"}, {"q": "c", "a": "[1, 2]"}]
