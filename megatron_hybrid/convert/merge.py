@@ -22,6 +22,7 @@ from megatron_hybrid.checkpoint.commit import CheckpointError, resolve_checkpoin
 from megatron_hybrid.checkpoint.io import load_model, load_trainables, save_model
 from megatron_hybrid.checkpoint.metadata import CheckpointMeta, check_base, read_meta
 from megatron_hybrid.checkpoint.state import unwrap_chunks
+from megatron_hybrid.data.tokenizers import CHAR_ALPHABET_KEY
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.lora import LoRAParallelLinear
@@ -94,6 +95,12 @@ def merge_checkpoint(
         kind="merged",
         plan=plan,
         hf=base_meta.hf,
-        details={"merged": merged, "trainables": str(directory), "step": meta.step},
+        details={
+            "merged": merged,
+            "trainables": str(directory),
+            "step": meta.step,
+            # the character alphabet the base was trained with (data/tokenizers.py)
+            **{k: base_meta.details[k] for k in (CHAR_ALPHABET_KEY,) if k in base_meta.details},
+        },
         overwrite=overwrite,
     )

@@ -43,8 +43,10 @@ class CharTokenizer:
 
     @classmethod
     def from_texts(cls, texts) -> CharTokenizer:
-        """An alphabet holding every character of ``texts`` (plus the arithmetic characters)."""
-        seen = set(cls.CHARS[1:-1])
+        """The default alphabet with every other character of ``texts`` added before the end
+        token, in sorted order: the arithmetic characters keep the ids of ``CharTokenizer()``, and
+        for data written in them the two tokenizers are the same."""
+        seen: set[str] = set()
         for t in texts:
             seen.update(t)
         reserved = cls.reserved_in("".join(seen))
@@ -52,7 +54,8 @@ class CharTokenizer:
             raise ValueError(
                 f"the data contains the reserved character {reserved!r} (padding / end token)"
             )
-        return cls(cls.PAD + "".join(sorted(seen)) + cls.EOS)
+        extra = "".join(sorted(seen - set(cls.CHARS)))
+        return cls(cls.CHARS[:-1] + extra + cls.EOS)
 
     @classmethod
     def reserved_in(cls, text: str) -> str | None:

@@ -7,7 +7,10 @@ from typing import Protocol
 
 from megatron_hybrid.data.arith import CharTokenizer
 
-__all__ = ["HFTokenizer", "Tokenizer", "build_tokenizer"]
+__all__ = ["HFTokenizer", "Tokenizer", "build_tokenizer", "tokenizer_details"]
+
+#: Checkpoint ``details`` key of the character alphabet a model was trained with.
+CHAR_ALPHABET_KEY = "char_alphabet"
 
 
 class Tokenizer(Protocol):
@@ -60,10 +63,37 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def build_tokenizer(spec: str, texts: Iterable[str] = ()) -> Tokenizer:
-    """``char`` (arithmetic alphabet), ``char:auto`` (alphabet from ``texts``) or a local HF path."""
-    if spec == "char":
-        return CharTokenizer()
+def build_tokenizer(
+    spec: str, texts: Iterable[str] = (), *, recorded: str | None = None, source: str = ""
+) -> Tokenizer:
+    """``char`` (arithmetic alphabet), ``char:auto`` (alphabet from ``texts``) or a local HF path.
+
+    ``recorded``: the character alphabet a starting checkpoint (``source``) was trained with. A
+    character tokenizer must then give every character the id it had: ``char:auto`` reuses the
+    recorded alphabet when it covers ``texts``; anything else that differs is refused (the ids
+    would silently mean other characters, the end token included).
+    """
+    if spec not in ("char", "char:auto"):
+        return HFTokenizer(spec)
+    texts = list(texts)
+    tok = CharTokenizer() if spec == "char" else CharTokenizer.from_texts(texts)
+    if recorded is None or tok.CHARS == recorded:
+        return tok
     if spec == "char:auto":
-        return CharTokenizer.from_texts(texts)
-    return HFTokenizer(spec)
+        missing = sorted(set(tok.CHARS) - set(recorded))
+        if not missing:
+            return CharTokenizer(recorded)
+        raise ValueError(
+            f"{source} was trained with the character alphabet {recorded!r}; the data has "
+            f"characters it lacks: {missing}"
+        )
+    raise ValueError(
+        f"tokenizer=char is the alphabet {tok.CHARS!r}, but {source} was trained with "
+        f"{recorded!r}; use tokenizer=char:auto"
+    )
+
+
+def tokenizer_details(tok: Tokenizer) -> dict:
+    """What a checkpoint records about its tokenizer: a character tokenizer's alphabet (an HF
+    tokenizer travels with the HF checkpoint it came from)."""
+    return {CHAR_ALPHABET_KEY: tok.CHARS} if isinstance(tok, CharTokenizer) else {}

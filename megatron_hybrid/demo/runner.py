@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from megatron_hybrid.checkpoint.io import save_model, save_trainables
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
+from megatron_hybrid.data.tokenizers import tokenizer_details
 from megatron_hybrid.demo.config import DemoConfig, ModeOptim, StageConfig
 from megatron_hybrid.demo.pool import resolve_workers, run_jobs
 from megatron_hybrid.fileio import atomic_write, atomic_write_text
@@ -530,7 +531,11 @@ class Demo:
             chunks = self.fresh_model(stage)
             if save_dir is not None and base_checkpoint is None:
                 base_checkpoint = save_model(
-                    Path(save_dir) / "base", chunks, cfg.model, overwrite=True
+                    Path(save_dir) / "base",
+                    chunks,
+                    cfg.model,
+                    details=tokenizer_details(self.tok),
+                    overwrite=True,
                 )
             summary = apply_hybrid_plan(chunks, plan)
             reference = (

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron_hybrid.config import check_int
 from megatron_hybrid.data.arith import CharTokenizer
 from megatron_hybrid.data.datasets import DataConfig, PromptDataset, load_prompt_datasets
-from megatron_hybrid.data.tokenizers import build_tokenizer
+from megatron_hybrid.data.tokenizers import CHAR_ALPHABET_KEY, build_tokenizer
 from megatron_hybrid.demo.config import (
     MODES,
     DemoConfig,
@@ -55,7 +55,10 @@ class PostTrainConfig:
     data: DataConfig | None = None
     """The dataset (``--data``, ``--prompt-field``, ``--answer-field``); set ``holdout_fraction``."""
     tokenizer: str = "char:auto"
-    """``char`` (arithmetic alphabet), ``char:auto`` (alphabet of the data) or a local HF tokenizer directory."""
+    """``char`` (arithmetic alphabet), ``char:auto`` (the arithmetic alphabet, same ids, plus the
+    data's other characters) or a local HF tokenizer directory. Saved checkpoints record a
+    character alphabet; from an ``init_checkpoint`` that records one, ``char:auto`` reuses it (and
+    refuses data with characters it lacks), so every id keeps its meaning."""
     mode: str = "hybrid"
     """One of fft, lora, hybrid, hybrid-random, hybrid-gradnorm."""
     seed: int = 0
@@ -111,7 +114,12 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
     pairs = [train[i] for i in range(len(train))]
     test = [holdout[i] for i in range(len(holdout))]
     _check_reserved_characters(cfg, train, holdout)
-    tok = build_tokenizer(cfg.tokenizer, (t for pair in pairs + test for t in pair))
+    tok = build_tokenizer(
+        cfg.tokenizer,
+        (t for pair in pairs + test for t in pair),
+        recorded=_recorded_alphabet(cfg.init_checkpoint),
+        source=f"init_checkpoint {cfg.init_checkpoint}",
+    )
     _check_rows(cfg, tok, train, holdout)
     model = cfg.model
     if model.vocab_size < tok.vocab_size:
@@ -264,6 +272,16 @@ def _candidate_table(demo) -> dict[str, dict]:
         gathered, local, group=parallel_state.get_pipeline_model_parallel_group()
     )
     return {k: v for part in gathered for k, v in part.items()}
+
+
+def _recorded_alphabet(path: str | None) -> str | None:
+    """The character alphabet the ``init_checkpoint`` was trained with, if it records one."""
+    if not path:
+        return None
+    from megatron_hybrid.checkpoint.commit import resolve_checkpoint
+    from megatron_hybrid.checkpoint.metadata import read_meta
+
+    return read_meta(resolve_checkpoint(path)).details.get(CHAR_ALPHABET_KEY)
 
 
 def _load_init_checkpoint(cfg: PostTrainConfig, demo) -> list[dict]:
