@@ -214,6 +214,14 @@ def _digest(*objs) -> str:
     ).hexdigest()[:12]
 
 
+def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The sampling seed of one data-parallel rank's rollouts at one GRPO step. Within a run it is
+    distinct for every (step, rank) below a million steps: two ranks' offsets differ by a multiple
+    of 1,000,003, which is a multiple of 7 only as 7 x 1,000,003 (before, ``+ dp_rank`` made rank
+    r + 7 at step k sample like rank r at step k + 1)."""
+    return seed * 100_003 + step * 7 + dp_rank * 1_000_003
+
+
 class Demo:
     """State shared by the runs of one benchmark (base weights, tokenizer, score tables)."""
 
@@ -583,7 +591,7 @@ class Demo:
                         decode=self.tok.decode,
                         stop_token=self.tok.eos_id,
                         vocab_size=self.tok.vocab_size,
-                        seed=seed * 100_003 + step * 7 + self.dp_rank,
+                        seed=rollout_seed(seed, step, self.dp_rank),
                         optim=optim,
                         step=step - 1,
                         total_steps=cfg.grpo.steps,

@@ -127,3 +127,12 @@ def test_check_int_refuses_bools_and_allows_null_when_optional():
             check_int("k", bad)
     with pytest.raises(ValueError, match=r"^k must be a positive integer or null, got False"):
         check_int("k", False, optional=True)
+
+
+def test_rollout_seeds_differ_across_steps_and_data_parallel_ranks():
+    from megatron_hybrid.demo.runner import rollout_seed
+
+    for s in range(3):
+        seeds = [rollout_seed(s, k, r) for k in range(1, 400) for r in range(64)]
+        assert len(set(seeds)) == len(seeds)
+    assert rollout_seed(2, 5, 0) == 2 * 100_003 + 5 * 7  # rank 0 keeps the benchmark's seeds
