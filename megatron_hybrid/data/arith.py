@@ -82,6 +82,15 @@ class CharTokenizer:
                 f"character {e.args[0]!r} is not in the tokenizer alphabet {self.CHARS!r}"
             ) from None
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a completion: the end token."""
+        return (self.eos_id,)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids (no special tokens here: the same as :meth:`encode`)."""
+        return self.encode(text)
+
     def decode(self, ids: list[int]) -> str:
         return "".join(self.CHARS[i] for i in ids if 0 < i < len(self.CHARS))
 
@@ -161,13 +170,15 @@ class ArithTask:
 
 
 def make_sft_batch(pairs: list[tuple[str, str]], tok: CharTokenizer, seq_length: int) -> Batch:
-    """Next-token batch of ``prompt + answer + EOS``; the loss counts answer and EOS tokens only."""
+    """Next-token batch of ``prompt + answer + EOS``; the loss counts answer and EOS tokens only.
+    The prompt is encoded as a prompt (``tok.encode_prompt``: an HF tokenizer's BOS or chat
+    template), the answer as plain text."""
     n = len(pairs)
     tokens = torch.zeros(n, seq_length, dtype=torch.long)
     labels = torch.zeros(n, seq_length, dtype=torch.long)
     mask = torch.zeros(n, seq_length, dtype=torch.float)
     for i, (prompt, answer) in enumerate(pairs):
-        p = tok.encode(prompt)
+        p = tok.encode_prompt(prompt)
         full = p + tok.encode(answer) + [tok.eos_id]
         if len(full) > seq_length + 1:
             raise ValueError(

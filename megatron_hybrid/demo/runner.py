@@ -279,14 +279,14 @@ class Demo:
         return chunks
 
     def encode(self, pairs):
-        return [(self.tok.encode(p), a) for p, a in pairs]
+        return [(self.tok.encode_prompt(p), a) for p, a in pairs]
 
     def accuracy(self, chunks, pairs) -> float:
         return greedy_accuracy(
             chunks,
             self.encode(pairs),
             decode=self.tok.decode,
-            stop_token=self.tok.eos_id,
+            stop_token=self.tok.stop_ids,
             vocab_size=self.tok.vocab_size,
             max_new_tokens=self.cfg.grpo.grpo.sampling.max_new_tokens,
             reward="math" if self.cfg.grpo.grpo.reward == "math" else "exact_int",
@@ -589,7 +589,7 @@ class Demo:
                         mine,
                         g,
                         decode=self.tok.decode,
-                        stop_token=self.tok.eos_id,
+                        stop_token=self.tok.stop_ids,
                         vocab_size=self.tok.vocab_size,
                         seed=rollout_seed(seed, step, self.dp_rank),
                         optim=optim,

@@ -21,7 +21,7 @@ def greedy_accuracy(
     pairs: Sequence[tuple[list[int], str]],
     *,
     decode: Callable[[list[int]], str],
-    stop_token: int,
+    stop_token: int | Sequence[int],
     vocab_size: int,
     max_new_tokens: int,
     reward: str = "exact_int",

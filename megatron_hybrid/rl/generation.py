@@ -150,7 +150,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     cfg: SamplingConfig,
     *,
-    stop_token: int,
+    stop_token: int | Sequence[int],
     pad_token: int = 0,
     vocab_size: int | None = None,
     seed: int = 0,
@@ -161,12 +161,13 @@ def generate(
     Args:
         chunks: this rank's model chunks (DDP-wrapped or plain); put them in eval mode yourself.
         prompts: token ids per prompt (this DP rank's prompts).
-        stop_token: generation of a row ends after it emits this token.
+        stop_token: generation of a row ends after it emits this token (or any of these).
         vocab_size: real vocabulary; logits of padding rows beyond it are never sampled.
         seed: seeds the sampling generator; identical on every rank of a model-parallel group.
         micro_batch_size: rows per forward micro-batch (default: all rows in one).
     """
     b = len(prompts)
+    stops = torch.tensor([stop_token] if isinstance(stop_token, int) else list(stop_token))
     prompt_len = torch.tensor([len(p) for p in prompts])
     if (prompt_len < 1).any():
         raise ValueError("every prompt needs at least one token")
@@ -199,7 +200,7 @@ def generate(
         active = ~done
         tokens[active, lengths[active]] = nxt[active]
         lengths = lengths + active.long()
-        done = done | (active & (nxt == stop_token))
+        done = done | (active & torch.isin(nxt, stops))
         if bool(done.all()):
             break
     width = int(lengths.max())

@@ -356,7 +356,7 @@ def grpo_step(
     cfg: GRPOConfig,
     *,
     decode: Callable[[list[int]], str],
-    stop_token: int,
+    stop_token: int | Sequence[int],
     vocab_size: int,
     seed: int,
     optim: OptimConfig,

@@ -59,6 +59,9 @@ class PostTrainConfig:
     data's other characters) or a local HF tokenizer directory. Saved checkpoints record a
     character alphabet; from an ``init_checkpoint`` that records one, ``char:auto`` reuses it (and
     refuses data with characters it lacks), so every id keeps its meaning."""
+    chat_template: bool = False
+    """HF tokenizers: write each prompt as a user turn of the tokenizer's chat template (for
+    instruct models); false encodes the prompt with the tokenizer's own special tokens (BOS)."""
     mode: str = "hybrid"
     """One of fft, lora, hybrid, hybrid-random, hybrid-gradnorm."""
     seed: int = 0
@@ -119,6 +122,7 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         (t for pair in pairs + test for t in pair),
         recorded=_recorded_alphabet(cfg.init_checkpoint),
         source=f"init_checkpoint {cfg.init_checkpoint}",
+        chat_template=cfg.chat_template,
     )
     _check_rows(cfg, tok, train, holdout)
     model = cfg.model
@@ -227,7 +231,7 @@ def _check_rows(cfg: PostTrainConfig, tok, *parts: PromptDataset) -> None:
                     "grpo.grpo.reward=math grades math answers"
                 ) from None
             try:
-                n_prompt, n_answer = len(tok.encode(prompt)), len(tok.encode(answer)) + 1
+                n_prompt, n_answer = len(tok.encode_prompt(prompt)), len(tok.encode(answer)) + 1
             except Exception as e:  # noqa: BLE001 - name the row whatever the tokenizer raises
                 raise ValueError(f"{origin}: cannot tokenize the row: {e}") from None
             if n_prompt == 0:

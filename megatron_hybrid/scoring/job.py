@@ -91,14 +91,14 @@ def _policy_gradient_source(chunks, cfg: ScoreJobConfig):
         pairs = cfg.task.sample(per_rank * dp_size, gen)[
             dp_rank * per_rank : (dp_rank + 1) * per_rank
         ]
-        return [(tok.encode(p), a) for p, a in pairs]
+        return [(tok.encode_prompt(p), a) for p, a in pairs]
 
     return policy_gradient_source(
         chunks,
         prompts,
         cfg.grpo,
         decode=tok.decode,
-        stop_token=tok.eos_id,
+        stop_token=tok.stop_ids,
         vocab_size=tok.vocab_size,
         seed=cfg.run.seed,
     )

@@ -30,7 +30,7 @@ def policy_gradient_source(
     cfg: GRPOConfig,
     *,
     decode: Callable[[list[int]], str],
-    stop_token: int,
+    stop_token: int | Sequence[int],
     vocab_size: int,
     seed: int = 0,
 ) -> tuple[Callable[[int], list[RLBatch]], Callable]:

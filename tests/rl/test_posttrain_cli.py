@@ -103,6 +103,27 @@ def test_grpo_with_math_answers_and_reward(data, mode, extra):
     assert all(0.0 <= v <= 1.0 for _, v in r["reward_curve"])
 
 
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_local_hf_tokenizer_with_its_chat_template(data, stage):
+    """The HF path end to end: prompts as chat turns, stop at eos or end of turn, integer rewards
+    on decoded text (a tiny local tokenizer, tests/hf_tokenizer.py)."""
+    from tests.hf_tokenizer import write_tokenizer
+
+    tok_dir = data / "hf_tokenizer"
+    if not tok_dir.exists():
+        write_tokenizer(tok_dir)
+    out = data / f"hf_{stage}"
+    proc = _cli(
+        stage, "--data", str(data / "sums.jsonl"), "--prompt-field", "q", "--answer-field", "a",
+        "--mode", "hybrid", "--out", str(out), *TINY, f"tokenizer={tok_dir}", "chat_template=true",
+        "sft.steps=3", "sft.eval_interval=3", "sft.batch_size=8", "grpo.steps=2",
+        "grpo.eval_interval=2", "grpo.grpo.group_size=2", "grpo.grpo.prompts_per_step=4",
+    )  # fmt: skip
+    r = _result(proc, out)
+    assert (r["mode"], r["stage"]) == ("hybrid", stage)
+    assert 0.0 <= r["final_heldout_accuracy"] <= 1.0
+
+
 def test_a_row_without_the_answer_field_fails_before_training(data):
     bad = data / "bad.jsonl"
     rows = [{"q": "1+1=", "a": 2}, {"q": "2+2=", "a": 4}, {"q": "3+3="}]

@@ -1,0 +1,35 @@
+"""A row stops at the first of several stop tokens (an instruct model's eos and end of turn)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_hybrid.models.provider import build_model
+from megatron_hybrid.rl.generation import SamplingConfig, generate
+from megatron_hybrid.runtime.distributed import ParallelConfig
+from tests.tiny_hybrid import MODEL
+
+pytestmark = pytest.mark.usefixtures("single_rank_runtime")
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 4
+CFG = SamplingConfig(temperature=0.0, max_new_tokens=6)  # greedy: rows do not share a stream
+
+
+def test_each_row_ends_at_its_first_stop_token_of_a_set():
+    chunks = build_model(MODEL, ParallelConfig())
+    for c in chunks:
+        c.eval()
+
+    def rollout(stop):
+        return generate(chunks, PROMPTS, CFG, stop_token=stop, vocab_size=MODEL.vocab_size)
+
+    free = rollout(MODEL.vocab_size + 1)  # never sampled: every row runs to max_new_tokens
+    assert free.lengths.tolist() == [len(p) + CFG.max_new_tokens for p in PROMPTS]
+    # Greedy rows repeat their tokens until they stop: stop at two of the tokens drawn.
+    drawn = [t for c in free.completions() for t in c]
+    stops = (drawn[0], drawn[1])
+    got = rollout(stops)
+    for full, cut in zip(free.completions(), got.completions()):
+        end = next((i + 1 for i, t in enumerate(full) if t in stops), len(full))
+        assert cut == full[:end]
+    assert any(len(c) < CFG.max_new_tokens for c in got.completions())
