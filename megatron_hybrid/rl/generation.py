@@ -87,13 +87,26 @@ class Rollout:
         ]
 
 
+@dataclass
+class _DecodeBatch:
+    """One decoding micro-batch: ``tokens [mbs, width]`` and each row's last filled position."""
+
+    tokens: torch.Tensor
+    last: torch.Tensor
+
+
 def _logits_step(data_iterator, model):
-    tokens = next(data_iterator)
+    batch = next(data_iterator)
+    tokens = batch.tokens
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     logits = model(tokens, positions, None)
 
     def keep(output):
-        return torch.zeros((), device=output.device), {"logits": output.detach()}
+        # Only the next-token logits of each row [mbs, V/tp]: the full [mbs, width, V/tp] would
+        # be kept for every micro-batch until the schedule ends (gigabytes at a real vocabulary).
+        rows = torch.arange(output.shape[0], device=output.device)
+        nxt = output[rows, batch.last.to(output.device)].detach()
+        return torch.zeros((), device=output.device), {"logits": nxt}
 
     return logits, keep
 
@@ -185,12 +198,12 @@ def generate(
         width = padded_width(int(lengths.max()))
         inp = tokens[:, :width].to(device)
         micro = equal_micro_batches(inp, micro_batch_size)
+        ends = equal_micro_batches((lengths - 1).unsqueeze(1), micro_batch_size)
+        micro = [_DecodeBatch(t, e.squeeze(1)) for t, e in zip(micro, ends)]
         reports = run_schedule(chunks, micro, forward_only=True, forward_step=_logits_step)
         nxt = torch.zeros(b, dtype=torch.long)
         if last:
-            logits = torch.cat([r["logits"] for r in reports], dim=0)[:b]  # [B, width, V/tp]
-            rows = torch.arange(b)
-            last_logits = logits[rows, (lengths - 1).to(logits.device)]  # [B, V/tp]
+            last_logits = torch.cat([r["logits"] for r in reports], dim=0)[:b]  # [B, V/tp]
             last_logits = gather_from_tensor_model_parallel_region(last_logits).float().cpu()
             if vocab_size is not None:
                 last_logits = mask_padded_vocab(last_logits, vocab_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.rl.generation import SamplingConfig, generate
@@ -33,3 +34,19 @@ def test_each_row_ends_at_its_first_stop_token_of_a_set():
         end = next((i + 1 for i, t in enumerate(full) if t in stops), len(full))
         assert cut == full[:end]
     assert any(len(c) < CFG.max_new_tokens for c in got.completions())
+
+
+def test_decoding_keeps_only_each_rows_next_token_logits():
+    """The schedule's reports hold [mbs, V] per micro-batch, not the whole [mbs, width, V]."""
+    from megatron_hybrid.rl.generation import _DecodeBatch, _logits_step
+    from megatron_hybrid.train.step import run_schedule
+
+    chunks = build_model(MODEL, ParallelConfig())
+    tokens = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    last = torch.tensor([2, 1])
+    reports = run_schedule(
+        chunks, [_DecodeBatch(tokens, last)], forward_only=True, forward_step=_logits_step
+    )
+    full = chunks[0](tokens, torch.arange(4).expand(2, 4), None)
+    assert reports[0]["logits"].shape == (2, full.shape[-1])
+    torch.testing.assert_close(reports[0]["logits"], full[torch.arange(2), last])
