@@ -175,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--mode", help="fft, lora, hybrid, hybrid-random or hybrid-gradnorm (default hybrid)"
         )
         p.add_argument("--config", help="YAML file of overrides")
-        p.add_argument("--out", help="output directory (default runs/posttrain)")
+        p.add_argument(
+            "--out",
+            help=f"output directory (default runs/{stage}; one holding files is refused unless "
+            "overwrite=true)",
+        )
         p.add_argument("overrides", nargs="*", help=f"key.sub=value overrides, e.g. {example}")
         p.set_defaults(func=_posttrain)
 

@@ -21,7 +21,8 @@ checkpoint can start the next stage (``init_checkpoint=...``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -41,7 +42,12 @@ from megatron_hybrid.fileio import atomic_write_text
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
 from megatron_hybrid.rl.rewards import get_reward_function
-from megatron_hybrid.runtime.distributed import ParallelConfig, destroy_runtime, initialize_runtime
+from megatron_hybrid.runtime.distributed import (
+    ParallelConfig,
+    destroy_runtime,
+    initialize_runtime,
+    on_rank0,
+)
 from megatron_hybrid.scoring.run import ScoreConfig
 from megatron_hybrid.scoring.selection import SelectionConfig
 
@@ -79,7 +85,12 @@ class PostTrainConfig:
     seq_length: int = 64
     init_checkpoint: str | None = None
     """A base checkpoint (``megatron-hybrid convert-hf`` output); None starts from random weights."""
-    out: str = "runs/posttrain"
+    out: str | None = None
+    """Output directory (``--out``); None: ``runs/sft`` or ``runs/grpo``. One that already holds
+    files is refused unless ``overwrite``."""
+    overwrite: bool = False
+    """Reuse an ``out`` that holds an earlier run: its ``checkpoint/`` and ``tensorboard/`` are
+    deleted first (so the new run's files never mix with the old), ``result.json`` replaced."""
     save: bool = True
     """Save the trained weights to ``<out>/checkpoint`` (see the module docstring)."""
 
@@ -87,8 +98,9 @@ class PostTrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.save, bool):
-            raise ValueError(f"save must be true or false, got {self.save!r}")
+        for key in ("save", "overwrite", "chat_template"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.data is None:
             raise ValueError("data.path is required (--data FILE)")
         if self.data.holdout_fraction is None:
@@ -111,6 +123,9 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
 
     if stage not in ("sft", "grpo"):
         raise ValueError(f"stage must be 'sft' or 'grpo', got {stage!r}")
+    if cfg.out is None:
+        cfg = replace(cfg, out=f"runs/{stage}")
+    _check_out(Path(cfg.out), cfg.overwrite)
     train, holdout = load_prompt_datasets(cfg.data)
     if holdout is None or len(holdout) == 0:
         raise ValueError("data.holdout_fraction must leave some rows for evaluation")
@@ -146,6 +161,8 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
     demo_cfg.grpo.eval_subset = min(demo_cfg.grpo.eval_subset, len(test))
     initialize_runtime(cfg.parallel, seed=cfg.seed)
     try:
+        if cfg.overwrite:
+            on_rank0(lambda: _clear_earlier_run(Path(cfg.out)))
         rank0 = dist.get_rank() == 0
         say = printer if rank0 else (lambda *_a, **_k: None)
         demo = Demo(demo_cfg, say, tokenizer=tok)
@@ -191,6 +208,24 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         return out
     finally:
         destroy_runtime()
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory holding files (an earlier run's checkpoint would otherwise be
+    rewritten under it and its ``result.json`` replaced) unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"out={out} already holds files (an earlier run?); choose another --out or pass "
+            "overwrite=true to replace its result, checkpoint and TensorBoard logs"
+        )
+
+
+def _clear_earlier_run(out: Path) -> None:
+    for name in ("checkpoint", "tensorboard"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def _check_reserved_characters(cfg: PostTrainConfig, *parts: PromptDataset) -> None:

@@ -259,3 +259,18 @@ def test_the_saved_weights_merge_into_the_trained_model(data, single_rank_runtim
     assert proc.returncode != 0
     assert f"init_checkpoint {merged} was trained with the character alphabet" in proc.stderr
     assert "characters it lacks: ['x']" in proc.stderr
+
+
+def test_an_out_holding_an_earlier_run_is_refused_unless_overwrite(data):
+    out = data / "twice"
+    args = ["sft", "--data", str(data / "sums.jsonl"), "--prompt-field", "q", "--answer-field", "a",
+            "--mode", "lora", "--out", str(out), *TINY, "sft.batch_size=8", "sft.eval_interval=2"]  # fmt: skip
+    _result(_cli(*args, "sft.steps=3"), out)
+    assert (out / "checkpoint" / "iter_0000003").is_dir()
+    again = _cli(*args, "sft.steps=2")
+    assert again.returncode != 0
+    assert f"out={out} already holds files" in again.stderr and "overwrite=true" in again.stderr
+    assert (out / "checkpoint" / "iter_0000003").is_dir()  # untouched
+    r = _result(_cli(*args, "sft.steps=2", "overwrite=true"), out)
+    assert r["checkpoint"] == str(out / "checkpoint" / "iter_0000002")
+    assert not (out / "checkpoint" / "iter_0000003").exists()  # the earlier run's, removed
