@@ -27,7 +27,8 @@ class CheckpointConfig:
     load_dir: str | None = None
     """Resume from this checkpoint: a root with a ``latest`` marker or one ``iter_*`` directory."""
     resume: bool = False
-    """Resume from ``save_dir``'s latest checkpoint when there is one (start fresh otherwise)."""
+    """Resume from ``save_dir``'s latest checkpoint when there is one (start fresh otherwise).
+    False with a ``save_dir`` that holds a run is refused: starting over would overwrite it."""
     base_dir: str | None = None
     """Full base-model checkpoint to start from (e.g. from ``megatron-hybrid convert-hf``).
     None: the model comes from the seed, and runs that save write it once to ``save_dir/base``."""

@@ -76,9 +76,17 @@ class RunCheckpointer:
     def _resume_path(self) -> Path | None:
         if self.cfg.load_dir is not None:
             return resolve_checkpoint(self.cfg.load_dir)
-        if self.cfg.resume and self.cfg.save_dir is not None:
-            return read_latest(Path(self.cfg.save_dir))
-        return None
+        if self.cfg.save_dir is None:
+            return None
+        latest = read_latest(Path(self.cfg.save_dir))
+        if latest is not None and not self.cfg.resume:
+            # Starting over would rewrite the run's base and its iter_* under it.
+            raise FileExistsError(
+                f"checkpoint.save_dir {self.cfg.save_dir} already holds a run (latest: "
+                f"{latest.name}); checkpoint.resume=true continues it, another save_dir starts "
+                "a new one"
+            )
+        return latest
 
     def _base_path(self) -> Path | None:
         if self.cfg.base_dir is not None:

@@ -197,3 +197,21 @@ def test_wrong_kind_and_damaged_files_are_named(saved):
     meta.write_text(json.dumps({"format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):
         read_meta(meta.parent)
+
+
+def test_a_save_dir_holding_a_run_is_refused_without_resume(saved):
+    """Starting over in a save_dir that holds a run would rewrite its base and iter_*: refused
+    naming resume; with resume (or another save_dir) it goes ahead."""
+    from megatron_hybrid.checkpoint.config import CheckpointConfig
+    from megatron_hybrid.checkpoint.run import RunCheckpointer
+
+    tmp, _ = saved
+    listing = sorted(p.name for p in (tmp / "run").iterdir())
+    with pytest.raises(
+        FileExistsError, match=r"already holds a run \(latest: iter_0000007\).*resume=true"
+    ):
+        RunCheckpointer(CheckpointConfig(save_dir=str(tmp / "run")), TINY)
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == listing
+    run = RunCheckpointer(CheckpointConfig(save_dir=str(tmp / "run"), resume=True), TINY)
+    assert run.resume_from == tmp / "run" / "iter_0000007"
+    assert RunCheckpointer(CheckpointConfig(save_dir=str(tmp / "new")), TINY).resume_from is None
