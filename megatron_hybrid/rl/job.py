@@ -84,7 +84,8 @@ class PostTrainConfig:
     )
     seq_length: int = 64
     init_checkpoint: str | None = None
-    """A base checkpoint (``megatron-hybrid convert-hf`` output); None starts from random weights."""
+    """A base or merged checkpoint (``convert-hf`` or ``merge`` output) to start from; its
+    architecture is used unless ``model.*`` is set. None starts from random weights."""
     out: str | None = None
     """Output directory (``--out``); None: ``runs/sft`` or ``runs/grpo``. One that already holds
     files is refused unless ``overwrite``."""
@@ -132,17 +133,16 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
     pairs = [train[i] for i in range(len(train))]
     test = [holdout[i] for i in range(len(holdout))]
     _check_reserved_characters(cfg, train, holdout)
+    init = _init_meta(cfg)
     tok = build_tokenizer(
         cfg.tokenizer,
         (t for pair in pairs + test for t in pair),
-        recorded=_recorded_alphabet(cfg.init_checkpoint),
+        recorded=None if init is None else init.details.get(CHAR_ALPHABET_KEY),
         source=f"init_checkpoint {cfg.init_checkpoint}",
         chat_template=cfg.chat_template,
     )
     _check_rows(cfg, tok, train, holdout)
-    model = cfg.model
-    if model.vocab_size < tok.vocab_size:
-        model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
+    model = _model_config(cfg, init, tok)
     demo_cfg = DemoConfig(
         model=model,
         parallel=cfg.parallel,
@@ -313,14 +313,42 @@ def _candidate_table(demo) -> dict[str, dict]:
     return {k: v for part in gathered for k, v in part.items()}
 
 
-def _recorded_alphabet(path: str | None) -> str | None:
-    """The character alphabet the ``init_checkpoint`` was trained with, if it records one."""
-    if not path:
+def _init_meta(cfg: PostTrainConfig):
+    """The ``init_checkpoint``'s metadata (None without one); refuses an HF model with a
+    character tokenizer, which would read its ids as characters."""
+    if not cfg.init_checkpoint:
         return None
     from megatron_hybrid.checkpoint.commit import resolve_checkpoint
     from megatron_hybrid.checkpoint.metadata import read_meta
 
-    return read_meta(resolve_checkpoint(path)).details.get(CHAR_ALPHABET_KEY)
+    meta = read_meta(resolve_checkpoint(cfg.init_checkpoint))
+    if meta.hf and cfg.tokenizer.startswith("char"):
+        arch = meta.hf.get("architecture", "an HF model")
+        raise ValueError(
+            f"init_checkpoint {cfg.init_checkpoint} was converted from {arch}; train it with its "
+            f"own tokenizer (tokenizer=/path/to/the/hf/model), not tokenizer={cfg.tokenizer}"
+        )
+    return meta
+
+
+def _model_config(cfg: PostTrainConfig, init, tok) -> ModelConfig:
+    """The model: the ``init_checkpoint``'s architecture when ``model.*`` was left at its
+    defaults (explicit settings are kept and checked against the checkpoint when it loads);
+    otherwise ``cfg.model`` with a vocabulary large enough for the tokenizer."""
+    model = cfg.model
+    if (
+        init is not None
+        and model == PostTrainConfig.__dataclass_fields__["model"].default_factory()
+    ):
+        model = init.model_config()
+    if model.vocab_size < tok.vocab_size:
+        if init is not None:
+            raise ValueError(
+                f"the tokenizer has {tok.vocab_size} tokens, more than the vocabulary of "
+                f"init_checkpoint {cfg.init_checkpoint} ({model.vocab_size})"
+            )
+        model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
+    return model
 
 
 def _load_init_checkpoint(cfg: PostTrainConfig, demo) -> list[dict]:

@@ -249,6 +249,12 @@ def test_the_saved_weights_merge_into_the_trained_model(data, single_rank_runtim
 
     assert accuracy(merged) == 1.0
     assert accuracy(out / "checkpoint" / "base") <= 0.5  # the untrained start (chance hits)
+    # A run from the merged checkpoint takes its architecture (no model.* given) and alphabet.
+    proc = _cli(
+        "sft", *args, "--mode", "lora", "--out", str(data / "from_merged_ok"), "sft.steps=2",
+        "sft.eval_interval=2", f"init_checkpoint={merged}",
+    )  # fmt: skip
+    assert _result(proc, data / "from_merged_ok")["final_heldout_accuracy"] == 1.0
     # The merged checkpoint records the alphabet; a run from it must give each character its id.
     assert read_meta(resolve_checkpoint(merged)).details["char_alphabet"] == tok.CHARS
     letters = _bad_rows(data, "letters", [{"q": f"x{i}?", "a": 7} for i in range(40)])
@@ -274,3 +280,20 @@ def test_an_out_holding_an_earlier_run_is_refused_unless_overwrite(data):
     r = _result(_cli(*args, "sft.steps=2", "overwrite=true"), out)
     assert r["checkpoint"] == str(out / "checkpoint" / "iter_0000002")
     assert not (out / "checkpoint" / "iter_0000003").exists()  # the earlier run's, removed
+
+
+def test_an_hf_model_is_refused_with_a_character_tokenizer(tmp_path, single_rank_runtime):
+    from megatron_hybrid.checkpoint import save_model
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.models.config import ModelConfig
+    from megatron_hybrid.models.provider import build_model
+    from megatron_hybrid.rl.job import PostTrainConfig, _init_meta
+
+    model = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32)
+    chunks = build_model(model, single_rank_runtime)
+    save_model(tmp_path / "hf_base", chunks, model, hf={"architecture": "LlamaForCausalLM"})
+    cfg = load_config(
+        PostTrainConfig, None, ["data.path=x.jsonl", f"init_checkpoint={tmp_path / 'hf_base'}"]
+    )
+    with pytest.raises(ValueError, match=r"converted from LlamaForCausalLM; train it with its own"):
+        _init_meta(cfg)
