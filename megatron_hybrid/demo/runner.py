@@ -236,6 +236,8 @@ class Demo:
         self.cfg = cfg
         self.tok = tokenizer or CharTokenizer()
         self.say = printer
+        self.log_progress = False
+        """Print the loss / reward and held-out accuracy at every evaluation of a run."""
         self.rank0 = dist.get_rank() == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -277,6 +279,18 @@ class Demo:
                         f"base state does not fit the model: missing {bad}, unexpected {missing.unexpected_keys}"
                     )
         return chunks
+
+    def _progress(self, tag, step, steps, name, curve, acc_curve) -> None:
+        """One line per evaluation when ``self.log_progress`` (single runs: ``sft`` / ``grpo``
+        jobs; the benchmark's many runs report through their progress bar instead)."""
+        if not self.log_progress:
+            return
+        recent = [v for s, v in curve if s > acc_curve[-2][0]] if len(acc_curve) > 1 else []
+        mean = f"{name} {sum(recent) / len(recent):.4f}, " if recent else ""
+        self.say(
+            f"[{tag}] step {step}/{steps}: {mean}held-out accuracy {acc_curve[-1][1]:.3f} "
+            f"(on {self.cfg.sft.eval_subset if tag.startswith('sft') else self.cfg.grpo.eval_subset})"
+        )
 
     def encode(self, pairs):
         return [(self.tok.encode_prompt(p), a) for p, a in pairs]
@@ -571,6 +585,7 @@ class Demo:
                     if step % cfg.sft.eval_interval == 0 and step < cfg.sft.steps:
                         acc_curve.append([step, self.accuracy(ddp, subset)])
                         self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
+                        self._progress(tag, step, cfg.sft.steps, "loss", loss_curve, acc_curve)
             else:
                 g = cfg.grpo.grpo
                 gen = torch.Generator().manual_seed(20_000 + seed)
@@ -613,6 +628,7 @@ class Demo:
                     if step % cfg.grpo.eval_interval == 0 and step < cfg.grpo.steps:
                         acc_curve.append([step, self.accuracy(ddp, subset)])
                         self._scalar(f"{tag}/heldout_accuracy", acc_curve[-1][1], step)
+                        self._progress(tag, step, cfg.grpo.steps, "reward", reward_curve, acc_curve)
             final = self.accuracy(ddp, problems.test)
             steps = cfg.sft.steps if stage == "sft" else cfg.grpo.steps
             saved = None

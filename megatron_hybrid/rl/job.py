@@ -166,8 +166,15 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         rank0 = dist.get_rank() == 0
         say = printer if rank0 else (lambda *_a, **_k: None)
         demo = Demo(demo_cfg, say, tokenizer=tok)
+        demo.log_progress = True
         if cfg.init_checkpoint:
             demo.base_state = _load_init_checkpoint(cfg, demo)
+        else:
+            say(
+                "no init_checkpoint: training from random weights, with embeddings, norms and "
+                "the output layer frozen as in every mode; to post-train a model, pass "
+                "init_checkpoint=DIR (convert-hf or merge output)"
+            )
         problems = ProblemSet(train=pairs, val=[], test=test)
         say(
             f"{stage} / {cfg.mode} on {cfg.data.path}: {len(pairs)} training rows, {len(test)} held out"
