@@ -141,13 +141,17 @@ def check_number(key: str, value: object, ok: Callable[[float], bool], what: str
 
 
 def check_known_keys(cls: type, data: dict, path: str = "") -> None:
-    """ValueError naming the first key of ``data`` that is not a field of dataclass ``cls``."""
+    """ValueError naming the first key of ``data`` that is not a field of dataclass ``cls`` (and,
+    for a learning rate asked for where a section keeps it per mode, where it is)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             full = f"{path}.{key}" if path else key
+            hint = ""
+            if key in ("lr", "learning_rate") and "modes" in fields:
+                hint = f"; learning rates are per mode: {path}.modes.<mode>.lr (and lora_lr_mult)"
             raise ValueError(
-                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}"
+                f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}" + hint
             )
 
 
@@ -191,6 +195,17 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
             kwargs[key] = custom(value) if default is None else custom(value, base=default)
         except ValueError as e:
             raise ValueError(f"{full}: {e}") from None
+    missing = [
+        f"{path}.{name}" if path else name
+        for name, f in fields.items()
+        if f.init
+        and name not in kwargs
+        and base is None
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     # The class's own validation speaks first (its messages say more: "a positive integer");
     # a value of the wrong type that it does not check, or that crashes it, is named here.
     try:

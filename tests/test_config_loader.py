@@ -276,3 +276,10 @@ def test_a_key_that_overrides_a_yaml_merge_is_not_a_duplicate():
 
     text = "defaults: &d {steps: 3, seq_length: 12}\nrun:\n  <<: *d\n  steps: 5\n"
     assert _load_yaml(text)["run"] == {"steps": 5, "seq_length": 12}
+
+
+def test_a_required_field_left_out_is_named_with_its_dotted_key():
+    from megatron_hybrid.rl.job import PostTrainConfig
+
+    with pytest.raises(ValueError, match=r"^data\.path is required$"):
+        load_config(PostTrainConfig, None, ["data.prompt_field=q"])

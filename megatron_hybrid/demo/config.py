@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_hybrid.config import check_int, check_number
+from megatron_hybrid.config import check_int, check_known_keys, check_number
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.peft.config import LoRAConfig
@@ -62,6 +62,7 @@ def _merge_modes(given: dict, defaults: dict[str, ModeOptim], where: str) -> dic
             raise ValueError(
                 f"{where}.modes.{mode} must be a mapping with lr / lora_lr_mult / loraplus_lr_ratio"
             )
+        check_known_keys(ModeOptim, value, f"{where}.modes.{mode}")
         try:
             out[mode] = ModeOptim(**(asdict(defaults[mode]) | value))
         except ValueError as e:

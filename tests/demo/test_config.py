@@ -81,6 +81,12 @@ def test_grpo_start_defaults_and_overrides():
         ("warmup.steps=0", r"warmup: steps must be a positive integer"),
         ("warmup.lr=-1", r"warmup: lr must be a number > 0, got -1"),
         ("sft.modes.lora.lr=abc", r"sft.modes.lora.lr must be a number > 0, got 'abc'"),
+        ("sft.lr=1e-3", r"'sft.lr'; .*learning rates are per mode: sft.modes.<mode>.lr"),
+        (
+            "sft.modes.hybrid.learning_rate=1e-3",
+            r"unknown config key 'sft.modes.hybrid.learning_rate'; valid keys here: "
+            r"lora_lr_mult, loraplus_lr_ratio, lr$",
+        ),
         (
             "grpo.modes.hybrid.lora_lr_mult=0",
             r"grpo.modes.hybrid.lora_lr_mult must be a number > 0",
