@@ -85,7 +85,8 @@ def _markdown(data: dict) -> str:
         f"Total wall time: {data['total_wall_time_s'] / 60:.1f} min. Seeds are shared across modes; paired "
         "differences are mean +- standard error over seeds. Training state = parameters + "
         "gradients of trainables + optimizer state; peak memory is CUDA peak allocation on GPU "
-        "and the peak RSS increase on CPU (a lower bound: memory freed by earlier runs is reused)."
+        "and the peak RSS increase on CPU (sampled every 20 ms, after earlier runs' memory is "
+        "released; activations and allocator overhead included)."
     )
     starts = data.get("starts", {})
     for stage, modes in summary.items():

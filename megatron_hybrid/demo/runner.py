@@ -8,6 +8,8 @@ differences between modes can be compared per seed (paired).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import math
@@ -104,8 +106,9 @@ class RunResult:
     trainable_params: int
     optimizer_state_bytes: int
     peak_memory_bytes: int
-    """CUDA: peak allocated during the run. CPU: peak RSS increase during the run (a lower bound:
-    the allocator reuses memory freed by earlier runs)."""
+    """CUDA: peak allocated during the run. CPU: peak RSS increase during the run, sampled every
+    20 ms, over a baseline taken after earlier runs' memory was released (it includes activations
+    and allocator overhead, so on a tiny model it differs little between modes)."""
     training_state_bytes: int = 0
     """Parameters + gradients of trainables + optimizer state, counted exactly (all ranks)."""
     fft_modules: list[str] = field(default_factory=list)
@@ -142,10 +145,24 @@ def dedupe_jobs(jobs: list[tuple]) -> tuple[list[tuple], list[int]]:
     return unique, where
 
 
+def _release_freed_memory() -> None:
+    """Free what earlier runs in this process left behind, so the next run's baseline is real:
+    collect reference cycles (a finished run's DDP model and optimizer sit in some) and hand freed
+    heap back to the OS (glibc's ``malloc_trim``; without it a later run reuses freed pages and its
+    resident-memory growth reads low)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is only approximate
+        pass
+
+
 class PeakRSS:
-    """Peak resident memory above the level at entry (CPU), or CUDA peak allocation (GPU)."""
+    """Peak resident memory above the level at entry (CPU), or CUDA peak allocation (GPU); memory
+    earlier runs in the same process freed is released first (:func:`_release_freed_memory`)."""
 
     def __enter__(self):
+        _release_freed_memory()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()

@@ -161,3 +161,30 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_runs_memory_baseline_comes_after_earlier_runs_garbage_is_collected():
+    """A finished run's model and optimizer sit in reference cycles; left alone they would be
+    freed in the middle of the next run and its peak would read low."""
+    import gc
+    import weakref
+
+    import torch
+
+    from megatron_hybrid.demo.runner import PeakRSS
+
+    class Holder:
+        pass
+
+    gc.disable()  # no automatic collection in between
+    try:
+        h = Holder()
+        h.self, h.tensor = h, torch.zeros(1 << 20)
+        gone = weakref.ref(h.tensor)
+        del h
+        assert gone() is not None  # only the cycle collector frees it
+        with PeakRSS() as mem:
+            assert gone() is None
+    finally:
+        gc.enable()
+    assert mem.peak >= 0
