@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,7 +78,11 @@ def run_jobs(
     """
     if workers <= 1:
         for i, job in enumerate(jobs):
-            on_result(i, demo.run(*job))
+            try:
+                result = demo.run(*job)
+            except Exception as e:
+                raise RunFailed(f"run {job_name(job)} failed: {e}") from e
+            on_result(i, result)
         return
     if demo.base_path is None or not demo.base_path.is_file():
         raise RuntimeError("worker processes need the cached base weights: call warm_up() first")
@@ -96,10 +100,42 @@ def run_jobs(
     )
     try:
         futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
-        for fut in as_completed(futures):
-            on_result(futures[fut], fut.result())
+        collect(futures, jobs, on_result)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RunFailed(RuntimeError):
+    """A benchmark run raised; the message names it (stage / mode / seed)."""
+
+
+def job_name(job: tuple) -> str:
+    """``stage / mode / seed N`` of a ``Demo.run`` job."""
+    return f"{job[0]} / {job[1]} / seed {job[2]}"
+
+
+def collect(
+    futures: dict[Future, int], jobs: Sequence[tuple], on_result: Callable[[int, RunResult], None]
+) -> None:
+    """``on_result`` for every job as it finishes. After the first failure the jobs not yet
+    started are cancelled, the running ones still report their results, and then the failure is
+    raised naming its run."""
+    failure: tuple[int, BaseException] | None = None
+    for fut in as_completed(futures):
+        i = futures[fut]
+        if fut.cancelled():
+            continue
+        error = fut.exception()
+        if error is None:
+            on_result(i, fut.result())
+            continue
+        if failure is None:
+            failure = (i, error)
+            for other in futures:
+                other.cancel()  # only the ones not started
+    if failure is not None:
+        i, error = failure
+        raise RunFailed(f"run {job_name(jobs[i])} failed: {error}") from error
 
 
 def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:

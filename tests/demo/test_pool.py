@@ -188,3 +188,35 @@ def test_a_runs_memory_baseline_comes_after_earlier_runs_garbage_is_collected():
     finally:
         gc.enable()
     assert mem.peak >= 0
+
+
+def test_a_failing_run_is_named_and_the_runs_already_going_still_report():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [("sft", "fft", 0), ("sft", "lora", 3), ("grpo", "hybrid", 1), ("grpo", "fft", 2)]
+    release = threading.Event()
+
+    def run(job):
+        if job[1] == "lora":
+            raise RuntimeError("probability tensor contains nan")
+        if job[1] == "fft" and job[0] == "sft":
+            release.wait(2)  # still running when the failure arrives
+        return job[2]
+
+    got = {}
+    with ThreadPoolExecutor(2) as ex:
+        futures = {ex.submit(run, job): i for i, job in enumerate(jobs[:2])}
+        futures[ex.submit(lambda: release.set() or 9)] = 2  # lets the first job finish
+        with pytest.raises(pool.RunFailed, match=r"^run sft / lora / seed 3 failed: probability"):
+            pool.collect(futures, jobs, lambda i, r: got.__setitem__(i, r))
+    assert got[0] == 0  # the run that was going when the other failed still reported
+
+
+def test_a_failing_run_in_one_process_is_named():
+    class FailingDemo:
+        def run(self, stage, mode, seed):
+            raise ValueError("bad")
+
+    with pytest.raises(pool.RunFailed, match=r"^run grpo / hybrid / seed 4 failed: bad"):
+        pool.run_jobs(FailingDemo(), [("grpo", "hybrid", 4)], 1, lambda i, r: None)
