@@ -192,10 +192,14 @@ class PeakRSS:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state (moments, fp32 masters) on this rank."""
+    """Bytes of optimizer state (moments, fp32 masters) on this rank. Megatron's mixed-precision
+    optimizer keeps the fp32 master copies as its parameters (``fp32_from_float16_groups``), not in
+    ``state``, so they are counted from there."""
     inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     total = 0
     for opt in inner:
+        for group in getattr(opt, "fp32_from_float16_groups", None) or []:
+            total += sum(p.numel() * p.element_size() for p in group)
         torch_opt = getattr(opt, "optimizer", opt)
         for state in torch_opt.state.values():
             total += sum(
@@ -366,7 +370,8 @@ class Demo:
             pass
         acc = self.accuracy(ddp, make_problem_set(cfg.warmup.task, 500, 0, seed=999).test)
         self.say(
-            f"base model: {time.perf_counter() - t0:.0f} s, held-out accuracy on {cfg.warmup.task.op}: {acc:.3f}"
+            f"base model: {time.perf_counter() - t0:.0f} s, accuracy on 500 sampled "
+            f"{cfg.warmup.task.op} problems (the warm-up's distribution; not held out): {acc:.3f}"
         )
         self.base_state = self._save_weights(ddp, path)
 
@@ -405,7 +410,10 @@ class Demo:
         """This model-parallel rank's file of a cached model (``kind``: base, start)."""
         cfg = self.cfg
         cache = Path(cfg.cache_dir or (Path(cfg.out).parent / "cache"))
-        layout = f"tp{cfg.parallel.tensor_model_parallel_size}pp{cfg.parallel.pipeline_model_parallel_size}"
+        par = cfg.parallel
+        layout = f"tp{par.tensor_model_parallel_size}pp{par.pipeline_model_parallel_size}"
+        if (par.virtual_pipeline_model_parallel_size or 1) > 1:  # chunks per rank differ
+            layout += f"vpp{par.virtual_pipeline_model_parallel_size}"
         mp_rank = parallel_state.get_model_parallel_group().rank()
         return cache / f"{kind}-{key}-{layout}-mp{mp_rank}.pt"
 
@@ -436,7 +444,8 @@ class Demo:
             cfg.grpo.grpo.reward == "math",
         )
         path = self._cache_path("start", key)
-        meta_path = path.with_name(f"start-{key}.json")
+        # per layout, like the weights: each layout trains its own start from its own base
+        meta_path = path.with_name(path.name.rsplit("-mp", 1)[0] + ".json")
         if _on_every_rank(path.is_file() and meta_path.is_file()):
             self.start_states[stage] = torch.load(path, weights_only=True)
             self.start_paths[stage] = path

@@ -142,3 +142,42 @@ def test_rollout_seeds_differ_across_steps_and_data_parallel_ranks():
         seeds = [rollout_seed(s, k, r) for k in range(1, 400) for r in range(64)]
         assert len(set(seeds)) == len(seeds)
     assert rollout_seed(2, 5, 0) == 2 * 100_003 + 5 * 7  # rank 0 keeps the benchmark's seeds
+
+
+def test_cached_models_are_per_layout_including_virtual_pipeline_stages(single_rank_runtime):
+    """A pp=2 file holds one chunk per rank, a pp=2 x vpp=2 file two: never the same cache entry."""
+    from types import SimpleNamespace
+
+    from megatron_hybrid.demo.runner import Demo
+    from megatron_hybrid.runtime.distributed import ParallelConfig
+
+    def name(**parallel):
+        cfg = SimpleNamespace(cache_dir="c", out="o", parallel=ParallelConfig(**parallel))
+        return Demo._cache_path(SimpleNamespace(cfg=cfg), "base", "k").name
+
+    assert name() == "base-k-tp1pp1-mp0.pt"
+    pp2 = name(pipeline_model_parallel_size=2)
+    assert pp2 != name(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+
+
+def test_optimizer_state_counts_the_fp32_master_copies_of_a_mixed_precision_optimizer():
+    """Megatron's Float16OptimizerWithFloat16Params holds the fp32 masters as its parameters."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_hybrid.demo.runner import optimizer_state_bytes
+
+    masters = [torch.zeros(10), torch.zeros(3, 2)]
+    moments = {
+        masters[0]: {
+            "exp_avg": torch.zeros(10),
+            "exp_avg_sq": torch.zeros(10),
+            "step": torch.tensor(1.0),
+        }
+    }
+    inner = SimpleNamespace(state=moments)
+    mixed = SimpleNamespace(optimizer=inner, fp32_from_float16_groups=[[masters[0]], [masters[1]]])
+    assert optimizer_state_bytes(SimpleNamespace(optimizer=inner)) == 80  # the moments
+    assert optimizer_state_bytes(mixed) == 80 + 16 * 4
+    assert optimizer_state_bytes(SimpleNamespace(chained_optimizers=[mixed, mixed])) == 2 * 144
