@@ -20,6 +20,7 @@ Options: ``--hidden``, ``--layers``, ``--batches`` (K), ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -42,17 +43,26 @@ from megatron_hybrid.train.step import OptimConfig, build_optimizer, lm_forward_
 RANK = 8
 
 
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
+def _time_once(fn) -> float:
+    if dist.is_initialized():
+        dist.barrier()
+    t = time.perf_counter()
+    fn()
+    if dist.is_initialized():
+        dist.barrier()
+    return time.perf_counter() - t
+
+
+def _interleaved_ratios(fns: dict, reference, repeats: int) -> dict[str, float]:
+    """Median over rounds of ``time(fn) / time(reference)``, each round timing every ``fn`` and the
+    reference back to back, so a change of machine load hits both sides of a ratio alike."""
+    ratios: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        if dist.is_initialized():
-            dist.barrier()
-        t = time.perf_counter()
-        fn()
-        if dist.is_initialized():
-            dist.barrier()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times = {k: _time_once(fn) for k, fn in fns.items()}
+        t_ref = _time_once(reference)
+        for k, t in times.items():
+            ratios[k].append(t / t_ref)
+    return {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def _analytic_ratio(
@@ -81,7 +91,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batches", type=int, default=4, help="K calibration batches")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     args = parser.parse_args()
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp)
@@ -98,7 +108,8 @@ def main() -> None:
     initialize_runtime(parallel, seed=0)
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *a, **k: None)
-    chunks = build_model(model, parallel)
+    chunks = build_model(model, parallel)  # scored as is
+    train_chunks = build_model(model, parallel)  # gets the hybrid plan for the training step
     batches = task_batch_source(ArithTask(), run)
     tp_group = __import__(
         "megatron.core.parallel_state", fromlist=["x"]
@@ -113,11 +124,6 @@ def main() -> None:
         )
         return lambda: score_modules(chunks, batches, cfg, RANK)
 
-    times = {
-        "residual/exact": _time(score("residual", "exact"), args.repeats),
-        "residual/randomized": _time(score("residual", "randomized"), args.repeats),
-        "probe_residual/exact": _time(score("probe_residual", "exact"), args.repeats),
-    }
     # Per-module communication, measured on the real collectives (gradients as stand-in matrices).
     comm_rows = []
     for ref in local_candidates(chunks):
@@ -136,26 +142,35 @@ def main() -> None:
         )
 
     # One hybrid training step on the same global batch (10% FFT, LoRA r=8 on the rest).
-    names = candidate_names(chunks)
+    names = candidate_names(train_chunks)
     spec = PeftSpec(fft_modules=names[: max(1, len(names) // 10)], lora=LoRAConfig(rank=RANK))
-    apply_hybrid_plan(chunks, spec.resolve(names))
-    ddp = wrap_ddp(chunks)
+    apply_hybrid_plan(train_chunks, spec.resolve(names))
+    ddp = wrap_ddp(train_chunks)
     opt = build_optimizer(ddp, OptimConfig(lr=1e-4))
 
     def train_step():
         lm_forward_backward(ddp, batches(0))
         opt.step()
 
-    t_train = _time(train_step, args.repeats + 1)
+    train_step()  # warm-up: first-call allocations are not a step's cost
+    fns = {
+        "residual/exact": score("residual", "exact"),
+        "residual/randomized": score("residual", "randomized"),
+        "probe_residual/exact": score("probe_residual", "exact"),
+    }
+    ratios = _interleaved_ratios(fns, train_step, args.repeats)
 
     say(
         f"model: {args.layers} layers, hidden {args.hidden}, TP={args.tp}, K={args.batches} calibration batches, r={RANK}"
     )
-    say("\nscoring time / one training step on the same batch")
-    for k, v in times.items():
-        say(f"  {k:22s} {v / t_train:8.2f}x")
     say(
-        f"  randomized / exact       {times['residual/randomized'] / times['residual/exact']:8.2f}x"
+        f"\nscoring time / one training step on the same batch (median of {args.repeats} "
+        "interleaved rounds)"
+    )
+    for k, v in ratios.items():
+        say(f"  {k:22s} {v:8.2f}x")
+    say(
+        f"  randomized / exact       {ratios['residual/randomized'] / ratios['residual/exact']:8.2f}x"
     )
     say(
         "\nbytes all-reduced per module / bytes of all-gathering the gradient (measured, bf16 matrices)"
