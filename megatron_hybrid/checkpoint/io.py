@@ -16,6 +16,7 @@ Collective: every function here must be called on all ranks of the job (Megatron
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,12 @@ def _write(final: Path, sharded: dict, meta: CheckpointMeta, *, overwrite: bool)
 
 def _load(directory: Path, request: dict) -> dict:
     try:
-        return dist_checkpointing.load(request, str(directory))
+        with warnings.catch_warnings():
+            # Megatron's own loader calls torch's deprecated load_state_dict: not the user's to fix
+            warnings.filterwarnings(
+                "ignore", message=".*load_state_dict.*deprecated", category=FutureWarning
+            )
+            return dist_checkpointing.load(request, str(directory))
     except (CheckpointingException, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load {directory}: {e}") from e
 

@@ -174,7 +174,7 @@ def arch_by_name(name: str) -> ArchSpec:
     """The spec of an architecture (``LlamaForCausalLM``) or model type (``llama``)."""
     _load_builtin()
     for spec in _REGISTRY.values():
-        if name in (spec.architecture, spec.model_type):
+        if name.lower() in (spec.architecture.lower(), spec.model_type.lower()):
             return spec
     raise ValueError(
         f"unsupported HF architecture {name!r}; supported: {', '.join(supported_architectures())}"

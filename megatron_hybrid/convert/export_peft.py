@@ -54,7 +54,7 @@ def _spec(meta, arch: str | None, directory: Path) -> tuple[ArchSpec, dict | Non
     if original is not None:
         return arch_for(original), original
     raise ValueError(
-        f"{directory}: its base records no HF origin; pass the architecture (llama or qwen2)"
+        f"{directory}: its base records no HF origin; pass it with --arch (LlamaForCausalLM or Qwen2ForCausalLM, or llama / qwen2)"
     )
 
 

@@ -88,7 +88,7 @@ def convert_mcore_to_hf(
         spec = arch_for(original)
     else:
         raise ValueError(
-            f"{directory} records no HF origin; pass the architecture (llama or qwen2)"
+            f"{directory} records no HF origin; pass it with --arch (LlamaForCausalLM or Qwen2ForCausalLM, or llama / qwen2)"
         )
     dtype = (
         dtype

@@ -795,6 +795,7 @@ def run_demo(
         }
         if rank0:
             paths = write_report(out, Path(cfg.out))
+            (Path(cfg.out) / "results.partial.json").unlink(missing_ok=True)  # results.json has all
             say(f"benchmark done in {elapsed / 60:.1f} min: " + ", ".join(str(p) for p in paths))
         if demo.writer is not None:
             demo.writer.close()

@@ -143,6 +143,11 @@ def initialize_runtime(parallel: ParallelConfig, seed: int = 1234) -> None:
             f"world size {world} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {parallel.tensor_model_parallel_size} x "
             f"{parallel.pipeline_model_parallel_size}"
+            + (
+                f"; launch {model_parallel} processes, e.g. torchrun --nproc_per_node {model_parallel}"
+                if world == 1
+                else ""
+            )
         )
     dp = parallel.data_parallel_size
     if dp is not None and dp != world // model_parallel:

@@ -62,6 +62,15 @@ class ScoreJobConfig:
     out: str = "plan.json"
     """Where the plan artifact is written (atomically, by global rank 0)."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a file path, got {self.out!r}")
+        if self.out.endswith(("/", "\\")) or Path(self.out).is_dir():
+            raise ValueError(
+                f"out={self.out} is a directory; give the plan file, e.g. "
+                f"{Path(self.out) / 'plan.json'}"
+            )
+
 
 def task_batch_source(task: ArithTask, run: RunConfig, seed_offset: int = 7919):
     """``batches(k)``: this DP rank's micro-batches of calibration step k (layout-independent)."""

@@ -199,7 +199,8 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
         wall = time.perf_counter() - start
         if logging and losses:
             printer(
-                f"trained {cfg.run.steps} steps in {wall:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+                f"trained steps {first}-{cfg.run.steps} in {wall:.1f} s; "
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
             )
         return {"losses": losses, "summary": summary, "wall_time_s": wall, "first_step": first}
     finally:

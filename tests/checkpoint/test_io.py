@@ -215,3 +215,15 @@ def test_a_save_dir_holding_a_run_is_refused_without_resume(saved):
     run = RunCheckpointer(CheckpointConfig(save_dir=str(tmp / "run"), resume=True), TINY)
     assert run.resume_from == tmp / "run" / "iter_0000007"
     assert RunCheckpointer(CheckpointConfig(save_dir=str(tmp / "new")), TINY).resume_from is None
+
+
+def test_loading_does_not_print_megatrons_deprecation_warning(saved):
+    """Megatron's loader calls torch's deprecated ``load_state_dict``; every merge, export and
+    init_checkpoint load printed the FutureWarning."""
+    import warnings
+
+    tmp, _ = saved
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(tmp / "base", _model(), TINY)
+    assert not [w for w in caught if "load_state_dict" in str(w.message)]

@@ -154,3 +154,7 @@ def test_mapping_names_every_hf_tensor_once():
     ]
     with pytest.raises(ValueError, match="has no HF counterpart"):
         mapping.hf_modules("decoder.layers.1.mlp")
+
+
+def test_architecture_names_are_matched_without_case():
+    assert arch_by_name("Llama") is arch_by_name("LlamaForCausalLM") is arch_by_name("llama")

@@ -331,3 +331,14 @@ def test_saved_file_is_readable_json(tmp_path):
     d = json.loads(path.read_text())
     assert d["modules"][1] == asdict(entry(0, "linear_fc1", "fft"))
     assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("out", ["plans/", "DIR"])
+def test_the_score_job_refuses_a_directory_for_its_plan_file(tmp_path, out):
+    from megatron_hybrid.scoring.job import ScoreJobConfig
+
+    out = str(tmp_path) if out == "DIR" else f"{tmp_path}/{out}"
+    with pytest.raises(
+        ValueError, match=r"is a directory; give the plan file, e\.g\. .*plan\.json"
+    ):
+        ScoreJobConfig(out=out)
