@@ -514,7 +514,8 @@ class Demo:
         for method in ("grad_norm", cfg.score.method):
             sc = ScoreConfig(**{**asdict(cfg.score), "method": method, "probe": cfg.score.probe})
             for m in score_modules(chunks, batches, sc, cfg.lora.rank):
-                table.setdefault(m.name, {"params": m.params}).update(m.scores)
+                entry = {"params": m.params, "kind": m.kind, "shape": list(m.shape)}
+                table.setdefault(m.name, entry).update(m.scores)
         at = "the stage's start" if stage in self.start_states else "the base"
         self.say(
             f"[{stage}] scored {len(table)} candidate modules ({cfg.score.method}, grad_norm) at {at}"

@@ -48,6 +48,7 @@ from megatron_hybrid.runtime.distributed import (
     initialize_runtime,
     on_rank0,
 )
+from megatron_hybrid.scoring.plan_io import save_plan
 from megatron_hybrid.scoring.run import ScoreConfig
 from megatron_hybrid.scoring.selection import SelectionConfig
 
@@ -183,6 +184,13 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         if not table:
             table = _candidate_table(demo)
         plan = demo.plan_for(cfg.mode, table, cfg.seed)
+        if cfg.mode.startswith("hybrid"):
+            artifact = _plan_artifact(cfg, demo_cfg.model, table, plan, stage)
+            plan_path = on_rank0(lambda: save_plan(artifact, Path(cfg.out) / "plan.json"))
+            say(
+                f"plan ({cfg.mode}): FFT {', '.join(artifact.fft_names())}; written to "
+                f"{plan_path} (megatron-hybrid plan show {plan_path})"
+            )
         result = demo.run(
             stage,
             cfg.mode,
@@ -215,6 +223,50 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         return out
     finally:
         destroy_runtime()
+
+
+def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage: str):
+    """The run's plan as the artifact ``megatron-hybrid score`` writes: every candidate's scores
+    on the run's data at its start, and the decision the mode made."""
+    from megatron.core import parallel_state
+
+    from megatron_hybrid.scoring.plan_io import ModuleEntry, PlanArtifact, model_fingerprint
+    from megatron_hybrid.scoring.run import describe
+
+    method = {"hybrid-gradnorm": "grad_norm", "hybrid-random": "random"}.get(
+        cfg.mode, cfg.score.method
+    )
+    entries = [
+        ModuleEntry(
+            name=name,
+            kind=info["kind"],
+            shape=list(info["shape"]),
+            params=info["params"],
+            scores={k: v for k, v in info.items() if k not in ("params", "kind", "shape")},
+            decision=plan.modules[name].mode,
+            rank=None if plan.modules[name].mode == "fft" else cfg.lora.rank,
+        )
+        for name, info in sorted(table.items())
+    ]
+    return PlanArtifact(
+        model=model_fingerprint(model),
+        budget=asdict(cfg.select),
+        score=describe(cfg.score) | {"method": method, "rank": cfg.score.rank or cfg.lora.rank},
+        calibration={
+            "objective": "nll",
+            "data": str(cfg.data.path),
+            "stage": stage,
+            "start": cfg.init_checkpoint or "random weights",
+            "layout": {
+                "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+                "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+            },
+        },
+        lora=asdict(cfg.lora),
+        modules=entries,
+        seed=cfg.seed,
+    )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

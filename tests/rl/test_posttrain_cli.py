@@ -81,6 +81,22 @@ def test_sft_runs_every_mode_on_a_jsonl(sft_results):
     assert n_fft["lora"] == 0
 
 
+def test_hybrid_runs_write_the_plan_they_used(sft_results, data):
+    """``<out>/plan.json``: the scores on the run's data and the run's decisions, readable by
+    ``plan show`` / ``load_plan`` like the output of ``megatron-hybrid score``."""
+    from megatron_hybrid.scoring.plan_io import load_plan
+
+    for mode, method in (("hybrid", "residual"), ("hybrid-gradnorm", "grad_norm")):
+        artifact = load_plan(data / f"sft_{mode}" / "plan.json")
+        assert artifact.fft_names() == sft_results[mode]["fft_modules"]
+        assert artifact.score["method"] == method
+        best = max(artifact.modules, key=lambda m: m.scores[method])
+        assert artifact.fft_names() == [best.name]  # budget: 1 module
+        assert {m.decision for m in artifact.modules} == {"fft", "lora"}
+    assert load_plan(data / "sft_hybrid-random" / "plan.json").score["method"] == "random"
+    assert not (data / "sft_lora" / "plan.json").exists()
+
+
 @pytest.mark.parametrize(
     ("mode", "extra"),
     [
