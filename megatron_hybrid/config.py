@@ -143,13 +143,23 @@ def check_number(key: str, value: object, ok: Callable[[float], bool], what: str
 def check_known_keys(cls: type, data: dict, path: str = "") -> None:
     """ValueError naming the first key of ``data`` that is not a field of dataclass ``cls`` (and,
     for a learning rate asked for where a section keeps it per mode, where it is)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    fields = set(by_name)
     for key in data:
         if key not in fields:
             full = f"{path}.{key}" if path else key
             hint = ""
-            if key in ("lr", "learning_rate") and "modes" in fields:
-                hint = f"; learning rates are per mode: {path}.modes.<mode>.lr (and lora_lr_mult)"
+            if key in ("lr", "learning_rate"):
+                modes = by_name.get("modes")
+                per_mode = modes is not None and modes.default_factory is not dataclasses.MISSING
+                if per_mode and isinstance(modes.default_factory(), dict):  # a stage section
+                    hint = (
+                        f"; learning rates are per mode: {path}.modes.<mode>.lr (and lora_lr_mult)"
+                    )
+                elif {"sft", "grpo"} <= fields:  # a job with stage sections
+                    hint = (
+                        "; learning rates are per mode: sft.modes.<mode>.lr, grpo.modes.<mode>.lr"
+                    )
             raise ValueError(
                 f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}" + hint
             )

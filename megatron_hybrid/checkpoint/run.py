@@ -61,10 +61,13 @@ class RunCheckpointer:
         model_cfg: ModelConfig,
         *,
         printer: Callable[[str], Any] = print,
+        base_details: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.printer = printer
+        self.base_details = base_details or {}
+        """Recorded in a base saved from the seed (e.g. the character alphabet)."""
         self.resume_from = self._resume_path()
         self.base: Path | None = self._base_path()
         self.base_uid: str | None = None  # the identity of the base actually loaded or saved
@@ -103,7 +106,11 @@ class RunCheckpointer:
             self._say(f"base weights from {self.base}")
         elif self.cfg.save_dir is not None:
             self.base = save_model(
-                Path(self.cfg.save_dir) / BASE_SUBDIR, chunks, self.model_cfg, overwrite=True
+                Path(self.cfg.save_dir) / BASE_SUBDIR,
+                chunks,
+                self.model_cfg,
+                details=self.base_details,
+                overwrite=True,
             )
             self.base_uid = read_meta(self.base).uid or None
             self._say(f"base weights (from the seed) saved to {self.base}")

@@ -23,9 +23,10 @@ __all__ = ["OPS", "ArithTask", "CharTokenizer", "make_sft_batch"]
 
 
 class CharTokenizer:
-    """Maps characters to ids; id 0 is padding, the last id is the end token ``$``.
+    """Maps characters to ids; id 0 is padding, the end token ``$`` is id 16.
 
-    The default alphabet covers the arithmetic tasks; :meth:`from_texts` builds one for any data.
+    The default alphabet covers the arithmetic tasks; :meth:`from_texts` extends it for any data
+    (its characters after the default ones, which keep their ids).
     """
 
     PAD = "_"
@@ -34,17 +35,17 @@ class CharTokenizer:
 
     def __init__(self, chars: str | None = None) -> None:
         if chars is not None:
-            if chars[0] != self.PAD or chars[-1] != self.EOS or len(set(chars)) != len(chars):
+            if chars[0] != self.PAD or self.EOS not in chars or len(set(chars)) != len(chars):
                 raise ValueError(
-                    "a character alphabet must start with '_', end with '$' and have no repeats"
+                    "a character alphabet must start with '_', contain '$' and have no repeats"
                 )
             self.CHARS = chars
         self._ids = {c: i for i, c in enumerate(self.CHARS)}
 
     @classmethod
     def from_texts(cls, texts) -> CharTokenizer:
-        """The default alphabet with every other character of ``texts`` added before the end
-        token, in sorted order: the arithmetic characters keep the ids of ``CharTokenizer()``, and
+        """The default alphabet followed by every other character of ``texts``, in sorted order:
+        the default characters, the end token included, keep the ids of ``CharTokenizer()``, and
         for data written in them the two tokenizers are the same."""
         seen: set[str] = set()
         for t in texts:
@@ -55,7 +56,7 @@ class CharTokenizer:
                 f"the data contains the reserved character {reserved!r} (padding / end token)"
             )
         extra = "".join(sorted(seen - set(cls.CHARS)))
-        return cls(cls.CHARS[:-1] + extra + cls.EOS)
+        return cls(cls.CHARS + extra)
 
     @classmethod
     def reserved_in(cls, text: str) -> str | None:

@@ -100,8 +100,17 @@ class HFTokenizer:
 
 
 def _generation_eos_ids(path: Path) -> list[int]:
-    """``eos_token_id`` (an id or a list) of ``path/generation_config.json``, if there is one."""
+    """``eos_token_id`` (an id or a list) of the model's ``generation_config.json``, if it has
+    one: in the directory, or for a hub name in the local HF cache."""
     file = path / "generation_config.json"
+    if not path.is_dir():
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
+        except Exception:  # noqa: BLE001 - no generation config cached: eos only
+            return []
+        return [eos] if isinstance(eos, int) else list(eos or [])
     if not file.is_file():
         return []
     try:
@@ -131,6 +140,11 @@ def build_tokenizer(
     would silently mean other characters, the end token included).
     """
     if spec not in ("char", "char:auto"):
+        if recorded is not None:
+            raise ValueError(
+                f"{source} was trained with a character tokenizer (alphabet {recorded!r}); "
+                f"tokenizer={spec} would read its ids as other tokens"
+            )
         return HFTokenizer(spec, chat_template=chat_template)
     if chat_template:
         raise ValueError(f"chat_template=true needs an HF tokenizer, not tokenizer={spec}")

@@ -279,6 +279,12 @@ class DemoConfig:
         repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
         if repeated:
             raise ValueError(f"seeds must be distinct (paired comparisons); repeated: {repeated}")
+        if self.score.objective != "nll":
+            raise ValueError(
+                f"score.objective={self.score.objective!r}: the benchmark scores the modules with "
+                "the next-token loss on each stage's data (nll); policy_gradient is for "
+                "megatron-hybrid score"
+            )
         check_int("seq_length", self.seq_length)
         if self.seq_length > self.model.max_sequence_length:
             raise ValueError(

@@ -167,8 +167,9 @@ class PeftSpec:
         for p in self.rank_overrides:
             if not any(match_pattern(p, n) for n in lora):
                 raise ValueError(
-                    f"peft.rank_overrides: pattern {p!r} matches no LoRA module (only modules that "
-                    "are fully fine-tuned or excluded), so its rank would never apply"
+                    f"peft.rank_overrides: pattern {p!r} matches no LoRA module (the modules it "
+                    "matches are fully fine-tuned, excluded or not in target_modules), so its rank "
+                    "would never apply"
                 )
         modules: dict[str, ModuleDecision] = {n: ModuleDecision("fft") for n in fft}
         for n in lora:

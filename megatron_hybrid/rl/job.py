@@ -91,8 +91,9 @@ class PostTrainConfig:
     """Output directory (``--out``); None: ``runs/sft`` or ``runs/grpo``. One that already holds
     files is refused unless ``overwrite``."""
     overwrite: bool = False
-    """Reuse an ``out`` that holds an earlier run: its ``checkpoint/`` and ``tensorboard/`` are
-    deleted first (so the new run's files never mix with the old), ``result.json`` replaced."""
+    """Reuse an ``out`` that holds an earlier run: its ``checkpoint/``, ``tensorboard/``,
+    ``result.json`` and ``plan.json`` are deleted first, so the new run's files never mix with the
+    old (other files are left alone). Refused when ``init_checkpoint`` lies inside ``out``."""
     save: bool = True
     """Save the trained weights to ``<out>/checkpoint`` (see the module docstring)."""
 
@@ -112,6 +113,11 @@ class PostTrainConfig:
                 "data.holdout_fraction=0 leaves no rows to evaluate on; the job reports held-out "
                 "accuracy, so hold out a fraction in (0, 1) (default 0.1)"
             )
+        if self.score.objective != "nll":
+            raise ValueError(
+                f"score.objective={self.score.objective!r}: sft / grpo score the modules with the "
+                "next-token loss on your rows (nll); policy_gradient is for megatron-hybrid score"
+            )
         if self.grpo.start.enabled:
             raise ValueError(
                 "grpo.start.target_accuracy is the embedded benchmark's half-trained start; "
@@ -128,6 +134,13 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
     if cfg.out is None:
         cfg = replace(cfg, out=f"runs/{stage}")
     _check_out(Path(cfg.out), cfg.overwrite)
+    if cfg.overwrite and cfg.init_checkpoint:
+        start, out = Path(cfg.init_checkpoint).resolve(), Path(cfg.out).resolve()
+        if start == out or out in start.parents:
+            raise ValueError(
+                f"init_checkpoint {cfg.init_checkpoint} lies inside out={cfg.out}, which "
+                "overwrite=true would delete first; write this run to another --out"
+            )
     train, holdout = load_prompt_datasets(cfg.data)
     if holdout is None or len(holdout) == 0:
         raise ValueError("data.holdout_fraction must leave some rows for evaluation")
@@ -142,8 +155,9 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
         source=f"init_checkpoint {cfg.init_checkpoint}",
         chat_template=cfg.chat_template,
     )
+    cfg = replace(cfg, model=_model_config(cfg, init, tok))  # result.json records the model used
     _check_rows(cfg, tok, train, holdout)
-    model = _model_config(cfg, init, tok)
+    model = cfg.model
     demo_cfg = DemoConfig(
         model=model,
         parallel=cfg.parallel,
@@ -231,7 +245,7 @@ def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage:
     from megatron.core import parallel_state
 
     from megatron_hybrid.scoring.plan_io import ModuleEntry, PlanArtifact, model_fingerprint
-    from megatron_hybrid.scoring.run import describe
+    from megatron_hybrid.scoring.run import describe, seeded_uniform
 
     method = {"hybrid-gradnorm": "grad_norm", "hybrid-random": "random"}.get(
         cfg.mode, cfg.score.method
@@ -242,7 +256,8 @@ def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage:
             kind=info["kind"],
             shape=list(info["shape"]),
             params=info["params"],
-            scores={k: v for k, v in info.items() if k not in ("params", "kind", "shape")},
+            scores={k: v for k, v in info.items() if k not in ("params", "kind", "shape")}
+            | ({"random": seeded_uniform(name, cfg.seed)} if method == "random" else {}),
             decision=plan.modules[name].mode,
             rank=None if plan.modules[name].mode == "fft" else cfg.lora.rank,
         )
@@ -251,7 +266,8 @@ def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage:
     return PlanArtifact(
         model=model_fingerprint(model),
         budget=asdict(cfg.select),
-        score=describe(cfg.score) | {"method": method, "rank": cfg.score.rank or cfg.lora.rank},
+        score=describe(cfg.score)
+        | {"method": method, "objective": "nll", "rank": cfg.score.rank or cfg.lora.rank},
         calibration={
             "objective": "nll",
             "data": str(cfg.data.path),
@@ -285,6 +301,8 @@ def _clear_earlier_run(out: Path) -> None:
     for name in ("checkpoint", "tensorboard"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
+    for name in ("result.json", "plan.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _check_reserved_characters(cfg: PostTrainConfig, *parts: PromptDataset) -> None:
@@ -391,21 +409,23 @@ def _init_meta(cfg: PostTrainConfig):
 
 
 def _model_config(cfg: PostTrainConfig, init, tok) -> ModelConfig:
-    """The model: the ``init_checkpoint``'s architecture when ``model.*`` was left at its
-    defaults (explicit settings are kept and checked against the checkpoint when it loads);
-    otherwise ``cfg.model`` with a vocabulary large enough for the tokenizer."""
+    """The model: the ``init_checkpoint``'s architecture with the ``model.*`` keys that were set
+    (those that differ from the defaults) on top, checked against the checkpoint when it loads;
+    without a checkpoint, ``cfg.model`` with a vocabulary large enough for the tokenizer."""
     model = cfg.model
-    if (
-        init is not None
-        and model == PostTrainConfig.__dataclass_fields__["model"].default_factory()
-    ):
-        model = init.model_config()
-    if model.vocab_size < tok.vocab_size:
-        if init is not None:
+    if init is not None:
+        default = asdict(PostTrainConfig.__dataclass_fields__["model"].default_factory())
+        given = {k: v for k, v in asdict(model).items() if v != default[k]}
+        model = ModelConfig(**{**asdict(init.model_config()), **given})
+        if model.vocab_size < tok.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens, more than the vocabulary of "
-                f"init_checkpoint {cfg.init_checkpoint} ({model.vocab_size})"
+                f"init_checkpoint {cfg.init_checkpoint} ({init.model_config().vocab_size})"
+                if "vocab_size" not in given
+                else f"the tokenizer has {tok.vocab_size} tokens > model.vocab_size={model.vocab_size}"
             )
+        return model
+    if model.vocab_size < tok.vocab_size:
         model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
     return model
 

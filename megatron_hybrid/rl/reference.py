@@ -37,10 +37,11 @@ class ReferencePolicy:
                 if p.requires_grad and id(p) not in lora_params:
                     self._full.append((p, p.detach().clone()))
         # Bypassing is exact only for adapters whose product starts at zero; otherwise keep them.
-        # Either way each rank's modules compute the initial policy, so ranks need not agree.
-        self._bypass = all(
+        # Every model-parallel rank must choose alike: adapters take part in the TP collectives.
+        bypass = all(
             not torch.any(m.lora_B).item() or not torch.any(m.lora_A).item() for m in adapters
         )
+        self._bypass = _on_all_model_parallel_ranks(bypass)
         if not self._bypass:
             self._full += [(p, p.detach().clone()) for m in adapters for p in (m.lora_A, m.lora_B)]
 
@@ -63,3 +64,17 @@ class ReferencePolicy:
             with torch.no_grad():
                 for (p, _), cur in zip(self._full, current):
                     p.copy_(cur)
+
+
+def _on_all_model_parallel_ranks(flag: bool) -> bool:
+    """``flag`` and-ed over the model-parallel group (as is in a single process)."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return flag
+    group = parallel_state.get_model_parallel_group()
+    if group.size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(t.item())

@@ -20,6 +20,7 @@ from megatron_hybrid.checkpoint.config import CheckpointConfig
 from megatron_hybrid.checkpoint.run import RunCheckpointer
 from megatron_hybrid.config import check_int
 from megatron_hybrid.data.arith import ArithTask, CharTokenizer, make_sft_batch
+from megatron_hybrid.data.tokenizers import tokenizer_details
 from megatron_hybrid.models.config import ModelConfig
 from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import PlanSummary, all_linear_names, apply_hybrid_plan
@@ -158,7 +159,9 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
                 f"micro_batch_size x data-parallel size ({cfg.run.micro_batch_size} x {dp_size})"
             )
         chunks = build_model(cfg.model, cfg.parallel)
-        run_ckpt = RunCheckpointer(cfg.checkpoint, cfg.model, printer=printer)
+        run_ckpt = RunCheckpointer(
+            cfg.checkpoint, cfg.model, printer=printer, base_details=tokenizer_details(tok)
+        )
         run_ckpt.prepare_base(chunks)
         if cfg.plan_file:
             artifact = load_plan(cfg.plan_file)

@@ -227,3 +227,15 @@ def test_loading_does_not_print_megatrons_deprecation_warning(saved):
         warnings.simplefilter("always")
         load_model(tmp / "base", _model(), TINY)
     assert not [w for w in caught if "load_state_dict" in str(w.message)]
+
+
+def test_a_base_saved_from_the_seed_records_the_runs_details(tmp_path, single_rank_runtime):
+    """train records its character alphabet, so a run started from its merged model keeps ids."""
+    from megatron_hybrid.checkpoint.config import CheckpointConfig
+    from megatron_hybrid.checkpoint.run import RunCheckpointer
+
+    run = RunCheckpointer(
+        CheckpointConfig(save_dir=str(tmp_path / "run")), TINY, base_details={"char_alphabet": "_$"}
+    )
+    run.prepare_base(_model(plan=None))
+    assert read_meta(tmp_path / "run" / "base").details == {"char_alphabet": "_$"}

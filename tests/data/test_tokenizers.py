@@ -12,15 +12,16 @@ def test_auto_on_arithmetic_data_is_the_default_alphabet():
     assert build_tokenizer("char:auto", ["12+3=", "15", "7#2="]).CHARS == CharTokenizer.CHARS
 
 
-def test_auto_keeps_the_arithmetic_ids_and_adds_the_rest_before_the_end_token():
+def test_auto_keeps_every_default_id_and_adds_the_rest_after_them():
     default, auto = CharTokenizer(), build_tokenizer("char:auto", ["ab 12+3=", "15?"])
-    assert auto.CHARS == CharTokenizer.CHARS[:-1] + " ?ab" + "$"
+    assert auto.CHARS == CharTokenizer.CHARS + " ?ab"
     assert auto.encode("12+3=15") == default.encode("12+3=15")
-    assert auto.eos_id == len(auto.CHARS) - 1 and auto.decode([auto.eos_id]) == "$"
+    assert auto.eos_id == default.eos_id and auto.decode([auto.eos_id]) == "$"
+    assert auto.encode("a?") == [len(CharTokenizer.CHARS) + 2, len(CharTokenizer.CHARS) + 1]
 
 
 def test_a_recorded_alphabet_is_reused_when_it_covers_the_data():
-    recorded = CharTokenizer.CHARS[:-1] + " ?ab$"
+    recorded = CharTokenizer.CHARS + " ?ab"
     tok = build_tokenizer("char:auto", ["a?"], recorded=recorded, source="ckpt")
     assert tok.CHARS == recorded
     assert tokenizer_details(tok) == {"char_alphabet": recorded}
@@ -31,10 +32,11 @@ def test_a_recorded_alphabet_is_reused_when_it_covers_the_data():
     [
         ("char:auto", ["a?z"], r"ckpt was trained with the character alphabet .*lacks: \['z'\]"),
         ("char", ["12"], r"tokenizer=char is the alphabet .* but ckpt was trained with"),
+        ("/some/hf/tokenizer", ["12"], r"ckpt was trained with a character tokenizer"),
     ],
 )
 def test_an_alphabet_that_would_move_ids_is_refused(spec, texts, match):
-    recorded = CharTokenizer.CHARS[:-1] + " ?ab$"
+    recorded = CharTokenizer.CHARS + " ?ab"
     with pytest.raises(ValueError, match=match):
         build_tokenizer(spec, texts, recorded=recorded, source="ckpt")
 

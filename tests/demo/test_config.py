@@ -82,6 +82,7 @@ def test_grpo_start_defaults_and_overrides():
         ("warmup.lr=-1", r"warmup: lr must be a number > 0, got -1"),
         ("sft.modes.lora.lr=abc", r"sft.modes.lora.lr must be a number > 0, got 'abc'"),
         ("sft.lr=1e-3", r"'sft.lr'; .*learning rates are per mode: sft.modes.<mode>.lr"),
+        ("lr=1e-3", r"'lr'; .*learning rates are per mode: sft.modes.<mode>.lr, grpo.modes"),
         (
             "sft.modes.hybrid.learning_rate=1e-3",
             r"unknown config key 'sft.modes.hybrid.learning_rate'; valid keys here: "
@@ -98,6 +99,10 @@ def test_grpo_start_defaults_and_overrides():
         ("seeds=[]", r"seeds must be a non-empty list of integers"),
         ("seq_length=32", r"seq_length \(32\) exceeds model.max_sequence_length \(16\)"),
         ("workers=-1", r"workers must be an integer >= 0, got -1"),
+        (
+            "score.objective=policy_gradient",
+            r"the benchmark scores the modules with the next-token",
+        ),
         ("cache_dir=3", r"cache_dir must be a non-empty path string, got 3"),
         (
             "grpo.start.target_accuracy=1.5",

@@ -26,12 +26,16 @@ def test_each_row_ends_at_its_first_stop_token_of_a_set():
 
     free = rollout(MODEL.vocab_size + 1)  # never sampled: every row runs to max_new_tokens
     assert free.lengths.tolist() == [len(p) + CFG.max_new_tokens for p in PROMPTS]
-    # Greedy rows repeat their tokens until they stop: stop at two of the tokens drawn.
-    drawn = [t for c in free.completions() for t in c]
-    stops = (drawn[0], drawn[1])
+    # Greedy rows repeat their tokens until they stop. Stop at the first tokens of two rows that
+    # begin differently: each of those rows must end at its own stop token.
+    firsts = [c[0] for c in free.completions()]
+    i = 0
+    j = next(k for k, t in enumerate(firsts) if t != firsts[i])
+    stops = (firsts[i], firsts[j])
     got = rollout(stops)
+    assert got.completions()[i] == [stops[0]] and got.completions()[j] == [stops[1]]
     for full, cut in zip(free.completions(), got.completions()):
-        end = next((i + 1 for i, t in enumerate(full) if t in stops), len(full))
+        end = next((k + 1 for k, t in enumerate(full) if t in stops), len(full))
         assert cut == full[:end]
     assert any(len(c) < CFG.max_new_tokens for c in got.completions())
 

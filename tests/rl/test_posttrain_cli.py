@@ -93,7 +93,10 @@ def test_hybrid_runs_write_the_plan_they_used(sft_results, data):
         best = max(artifact.modules, key=lambda m: m.scores[method])
         assert artifact.fft_names() == [best.name]  # budget: 1 module
         assert {m.decision for m in artifact.modules} == {"fft", "lora"}
-    assert load_plan(data / "sft_hybrid-random" / "plan.json").score["method"] == "random"
+    random_plan = load_plan(data / "sft_hybrid-random" / "plan.json")
+    assert random_plan.score["method"] == "random"
+    best = max(random_plan.modules, key=lambda m: m.scores["random"])  # what plan show draws
+    assert random_plan.fft_names() == [best.name] == sft_results["hybrid-random"]["fft_modules"]
     assert not (data / "sft_lora" / "plan.json").exists()
 
 
@@ -313,3 +316,40 @@ def test_an_hf_model_is_refused_with_a_character_tokenizer(tmp_path, single_rank
     )
     with pytest.raises(ValueError, match=r"converted from LlamaForCausalLM; train it with its own"):
         _init_meta(cfg)
+
+
+def test_the_checkpoints_architecture_with_the_model_keys_that_were_set():
+    from types import SimpleNamespace
+
+    from megatron_hybrid.config import load_config
+    from megatron_hybrid.data.arith import CharTokenizer
+    from megatron_hybrid.models.config import ModelConfig
+    from megatron_hybrid.rl.job import PostTrainConfig, _model_config
+
+    saved = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32)
+    init = SimpleNamespace(model_config=lambda: saved)
+    cfg = load_config(
+        PostTrainConfig,
+        None,
+        ["data.path=x.jsonl", "init_checkpoint=ckpt", "model.max_sequence_length=128"],
+    )
+    model = _model_config(cfg, init, CharTokenizer())
+    assert (model.num_layers, model.hidden_size, model.vocab_size) == (2, 16, saved.vocab_size)
+    assert model.max_sequence_length == 128  # the key that was set
+    big = SimpleNamespace(vocab_size=saved.vocab_size + 1)
+    with pytest.raises(
+        ValueError,
+        match=rf"more than the vocabulary of init_checkpoint ckpt \({saved.vocab_size}\)",
+    ):
+        _model_config(cfg, init, big)
+
+
+def test_overwrite_is_refused_when_the_start_lies_inside_out(data):
+    out = data / "inside"
+    (out / "checkpoint" / "base").mkdir(parents=True)
+    proc = _cli(
+        "sft", "--data", str(data / "sums.jsonl"), "--prompt-field", "q", "--answer-field", "a",
+        "--out", str(out), "overwrite=true", f"init_checkpoint={out / 'checkpoint' / 'base'}",
+    )  # fmt: skip
+    assert proc.returncode != 0 and "lies inside out=" in proc.stderr
+    assert (out / "checkpoint" / "base").is_dir()
