@@ -61,7 +61,7 @@ class HFTokenizer:
                 "(tokenizer_config.json / chat_template.jinja)"
             )
         self.chat_template = chat_template
-        self._stop_ids = (self.eos_id, *_generation_eos_ids(Path(path)))
+        self._stop_ids = tuple(dict.fromkeys((self.eos_id, *_generation_eos_ids(Path(path)))))
 
     @property
     def vocab_size(self) -> int:
@@ -78,7 +78,7 @@ class HFTokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys(self._stop_ids))
+        return self._stop_ids
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))

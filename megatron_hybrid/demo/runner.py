@@ -35,7 +35,7 @@ from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 from megatron_hybrid.rl.evaluate import greedy_accuracy
 from megatron_hybrid.rl.grpo import grpo_step
 from megatron_hybrid.rl.reference import ReferencePolicy
-from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime
+from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime, on_all_ranks
 from megatron_hybrid.scoring.run import ScoreConfig, score_modules, seeded_uniform
 from megatron_hybrid.scoring.selection import Candidate, select_fft_modules
 from megatron_hybrid.train.quickstart import global_batch_shard
@@ -218,13 +218,6 @@ def _mp_sum(value: int) -> int:
     return int(t)
 
 
-def _on_every_rank(flag: bool) -> bool:
-    """True when ``flag`` holds on every rank (for example: every rank finds its cache file)."""
-    found = torch.tensor([1 if flag else 0])
-    dist.all_reduce(found, op=dist.ReduceOp.MIN)
-    return bool(int(found))
-
-
 def _digest(*objs) -> str:
     return hashlib.sha256(
         json.dumps(
@@ -348,7 +341,7 @@ class Demo:
         key = self._base_key()
         path = self._cache_path("base", key)
         self.base_path = path
-        if _on_every_rank(path.is_file()):
+        if on_all_ranks(path.is_file()):
             self.base_state = torch.load(path, weights_only=True)
             self.say(f"base model: loaded from cache {path.parent} ({key})")
             return
@@ -446,7 +439,7 @@ class Demo:
         path = self._cache_path("start", key)
         # per layout, like the weights: each layout trains its own start from its own base
         meta_path = path.with_name(path.name.rsplit("-mp", 1)[0] + ".json")
-        if _on_every_rank(path.is_file() and meta_path.is_file()):
+        if on_all_ranks(path.is_file() and meta_path.is_file()):
             self.start_states[stage] = torch.load(path, weights_only=True)
             self.start_paths[stage] = path
             info = json.loads(meta_path.read_text())

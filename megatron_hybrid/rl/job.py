@@ -242,9 +242,12 @@ def run_posttrain(cfg: PostTrainConfig, stage: str, *, printer=print) -> dict:
 def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage: str):
     """The run's plan as the artifact ``megatron-hybrid score`` writes: every candidate's scores
     on the run's data at its start, and the decision the mode made."""
-    from megatron.core import parallel_state
-
-    from megatron_hybrid.scoring.plan_io import ModuleEntry, PlanArtifact, model_fingerprint
+    from megatron_hybrid.scoring.plan_io import (
+        ModuleEntry,
+        PlanArtifact,
+        layout_record,
+        model_fingerprint,
+    )
     from megatron_hybrid.scoring.run import describe, seeded_uniform
 
     method = {"hybrid-gradnorm": "grad_norm", "hybrid-random": "random"}.get(
@@ -273,11 +276,7 @@ def _plan_artifact(cfg: PostTrainConfig, model: ModelConfig, table, plan, stage:
             "data": str(cfg.data.path),
             "stage": stage,
             "start": cfg.init_checkpoint or "random weights",
-            "layout": {
-                "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
-                "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-            },
+            "layout": layout_record(cfg.parallel),
         },
         lora=asdict(cfg.lora),
         modules=entries,
@@ -416,17 +415,18 @@ def _model_config(cfg: PostTrainConfig, init, tok) -> ModelConfig:
     if init is not None:
         default = asdict(PostTrainConfig.__dataclass_fields__["model"].default_factory())
         given = {k: v for k, v in asdict(model).items() if v != default[k]}
-        model = ModelConfig(**{**asdict(init.model_config()), **given})
+        saved = init.model_config()
+        model = replace(saved, **given)
         if model.vocab_size < tok.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tok.vocab_size} tokens, more than the vocabulary of "
-                f"init_checkpoint {cfg.init_checkpoint} ({init.model_config().vocab_size})"
+                f"init_checkpoint {cfg.init_checkpoint} ({saved.vocab_size})"
                 if "vocab_size" not in given
                 else f"the tokenizer has {tok.vocab_size} tokens > model.vocab_size={model.vocab_size}"
             )
         return model
     if model.vocab_size < tok.vocab_size:
-        model = ModelConfig(**{**asdict(model), "vocab_size": tok.vocab_size})
+        model = replace(model, vocab_size=tok.vocab_size)
     return model
 
 

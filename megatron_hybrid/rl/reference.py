@@ -14,8 +14,10 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_hybrid.peft.lora import adapters_disabled, iter_lora_modules
+from megatron_hybrid.runtime.distributed import on_all_ranks
 
 __all__ = ["ReferencePolicy"]
 
@@ -41,7 +43,12 @@ class ReferencePolicy:
         bypass = all(
             not torch.any(m.lora_B).item() or not torch.any(m.lora_A).item() for m in adapters
         )
-        self._bypass = _on_all_model_parallel_ranks(bypass)
+        mp_group = (
+            parallel_state.get_model_parallel_group()
+            if parallel_state.model_parallel_is_initialized()
+            else None
+        )
+        self._bypass = bypass if mp_group is None else on_all_ranks(bypass, mp_group)
         if not self._bypass:
             self._full += [(p, p.detach().clone()) for m in adapters for p in (m.lora_A, m.lora_B)]
 
@@ -64,17 +71,3 @@ class ReferencePolicy:
             with torch.no_grad():
                 for (p, _), cur in zip(self._full, current):
                     p.copy_(cur)
-
-
-def _on_all_model_parallel_ranks(flag: bool) -> bool:
-    """``flag`` and-ed over the model-parallel group (as is in a single process)."""
-    from megatron.core import parallel_state
-
-    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return flag
-    group = parallel_state.get_model_parallel_group()
-    if group.size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
-    return bool(t.item())

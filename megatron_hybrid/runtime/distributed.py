@@ -178,6 +178,16 @@ def destroy_runtime() -> None:
         dist.destroy_process_group()
 
 
+def on_all_ranks(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True when ``flag`` holds on every rank of ``group`` (default: all ranks); ``flag`` itself
+    without a process group. Every rank of the group must call it."""
+    if not dist.is_initialized():
+        return flag
+    found = torch.tensor([1 if flag else 0])
+    dist.all_reduce(found, op=dist.ReduceOp.MIN, group=group)
+    return bool(int(found))
+
+
 def on_rank0(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on global rank 0 and return its result on every rank; its error is re-raised
     on every rank, so no rank waits forever for one that failed (file writes, for instance)."""

@@ -25,7 +25,12 @@ from megatron_hybrid.runtime.distributed import (
     initialize_runtime,
     on_rank0,
 )
-from megatron_hybrid.scoring.plan_io import PlanArtifact, model_fingerprint, save_plan
+from megatron_hybrid.scoring.plan_io import (
+    PlanArtifact,
+    layout_record,
+    model_fingerprint,
+    save_plan,
+)
 from megatron_hybrid.scoring.run import (
     ScoreConfig,
     describe,
@@ -152,7 +157,6 @@ def run_score_job(
             bar.close()
         fft = select_and_check(table, method, cfg.select)
         elapsed = time.perf_counter() - start
-        dp = parallel_state.get_data_parallel_world_size()
         artifact = PlanArtifact(
             model=model_fingerprint(cfg.model),
             budget=asdict(cfg.select),
@@ -163,11 +167,7 @@ def run_score_job(
                 "global_batch_size": cfg.run.global_batch_size,
                 "seq_length": cfg.run.seq_length,
                 "task": asdict(cfg.task),
-                "layout": {
-                    "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-                    "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
-                    "data_parallel_size": dp,
-                },
+                "layout": layout_record(cfg.parallel),
                 "seconds": round(elapsed, 3),
             },
             lora=asdict(cfg.lora),

@@ -115,6 +115,18 @@ class PlanArtifact:
         return {k: d[k] for k in order}
 
 
+def layout_record(parallel) -> dict:
+    """The ``calibration.layout`` of a plan: the TP / PP sizes of ``parallel`` (a
+    :class:`~megatron_hybrid.runtime.distributed.ParallelConfig`) and the DP size in use."""
+    from megatron.core import parallel_state
+
+    return {
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
 def _version() -> str:
     from megatron_hybrid import __version__
 
