@@ -33,6 +33,7 @@ from megatron_hybrid.models.provider import build_model
 from megatron_hybrid.peft.apply import apply_hybrid_plan
 from megatron_hybrid.peft.plan import HybridPlan, ModuleDecision
 from megatron_hybrid.rl.evaluate import greedy_accuracy
+from megatron_hybrid.rl.generation import rollout_seed
 from megatron_hybrid.rl.grpo import grpo_step
 from megatron_hybrid.rl.reference import ReferencePolicy
 from megatron_hybrid.runtime.distributed import destroy_runtime, initialize_runtime, on_all_ranks
@@ -226,14 +227,6 @@ def _digest(*objs) -> str:
             default=str,
         ).encode()
     ).hexdigest()[:12]
-
-
-def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
-    """The sampling seed of one data-parallel rank's rollouts at one GRPO step. Within a run it is
-    distinct for every (step, rank) below a million steps: two ranks' offsets differ by a multiple
-    of 1,000,003, which is a multiple of 7 only as 7 x 1,000,003 (before, ``+ dp_rank`` made rank
-    r + 7 at step k sample like rank r at step k + 1)."""
-    return seed * 100_003 + step * 7 + dp_rank * 1_000_003
 
 
 class Demo:

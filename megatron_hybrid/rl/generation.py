@@ -31,9 +31,18 @@ __all__ = [
     "Rollout",
     "SamplingConfig",
     "generate",
+    "rollout_seed",
     "sequence_logprobs",
     "token_nll",
 ]
+
+
+def rollout_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The sampling seed of one data-parallel rank's rollouts at one GRPO step. Within a run it is
+    distinct for every (step, rank) below a million steps: two ranks' offsets differ by a multiple
+    of 1,000,003, which is a multiple of 7 only as 7 x 1,000,003 (before, ``+ dp_rank`` made rank
+    r + 7 at step k sample like rank r at step k + 1)."""
+    return seed * 100_003 + step * 7 + dp_rank * 1_000_003
 
 
 @dataclass

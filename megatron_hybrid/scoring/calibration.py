@@ -64,9 +64,14 @@ def _only_trainable(
         )
 
 
-def _normalizer(micro_batches: Sequence[Batch], source: BatchSource) -> torch.Tensor:
+def _normalizer(micro_batches: Sequence[Batch], source: BatchSource, where: str) -> torch.Tensor:
     """The step's global loss normaliser: the source's own (sequences for GSPO, a constant for
-    Dr.GRPO), else the loss-mask token count; summed over the data-parallel ranks."""
+    Dr.GRPO), else the loss-mask token count; summed over the data-parallel ranks.
+
+    Raises:
+        ValueError: it is not positive (``where`` names the step): no loss tokens anywhere in the
+            global batch, which would otherwise surface as a module's NaN gradient.
+    """
     normalizer = getattr(source, "normalizer", None)
     if normalizer is not None:
         total = torch.as_tensor(normalizer(micro_batches)).double().reshape(())
@@ -75,6 +80,11 @@ def _normalizer(micro_batches: Sequence[Batch], source: BatchSource) -> torch.Te
     dp = parallel_state.get_data_parallel_group()
     if dp.size() > 1:
         dist.all_reduce(total, group=dp)
+    if not float(total) > 0:
+        raise ValueError(
+            f"{where} has no loss tokens (loss normaliser {float(total):g} over the global "
+            "batch): every answer is masked out or truncated; check the data and seq_length"
+        )
     return total
 
 
@@ -135,7 +145,9 @@ def accumulate_gradients(
             for w in weights:
                 w.grad = None
             run_schedule(chunks, micro, forward_step=forward_step)
-            grads = _mean_grads_over_dp(weights, _normalizer(micro, batches))
+            grads = _mean_grads_over_dp(
+                weights, _normalizer(micro, batches, f"calibration batch {k}")
+            )
             for m, g in zip(modules, grads):
                 _check_finite(m.name, g, f"the gradient of calibration batch {k}")
                 total[m.name] += g
@@ -164,7 +176,8 @@ class ProbeConfig:
     weight_decay: float = 0.0
     group_size: int | None = None
     """Modules probed together; None probes all candidates at once (the prototype's setting).
-    Smaller groups bound the probe's memory to (2 moments + master + base copy) x group params."""
+    Smaller groups bound the probe's memory to (2 moments + master + base copy) x group params.
+    Needs PP = 1 unless it is at least the number of candidates (see probe_weight_deltas)."""
 
     def __post_init__(self) -> None:
         check_int("score.probe.steps", self.steps)
@@ -182,6 +195,24 @@ class ProbeConfig:
             raise ValueError(f"score.probe.eps must be > 0, got {self.eps!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"score.probe.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+def _check_groups_under_pipeline(modules: Sequence[ModuleRef], group_size: int | None) -> None:
+    """Refuse probe groups smaller than all candidates when PP > 1: every schedule runs through
+    all stages at once, so stage 0's group k and stage 1's group k would train together and see
+    each other's moving weights, and the scores would depend on the pipeline layout."""
+    pp = parallel_state.get_pipeline_model_parallel_group()
+    if group_size is None or pp.size() == 1:
+        return
+    total = torch.tensor(len(modules), dtype=torch.long)
+    dist.all_reduce(total, group=pp)
+    if group_size < int(total):
+        raise ValueError(
+            f"score.probe.group_size={group_size} is smaller than the {int(total)} candidates, "
+            f"which pipeline parallelism (PP={pp.size()}) cannot probe group by group: the "
+            "stages' groups would train at the same time and the scores would depend on the "
+            "layout. Leave score.probe.group_size unset (null) or score at PP=1"
+        )
 
 
 def _in_unit(x: object) -> bool:
@@ -215,11 +246,13 @@ def probe_weight_deltas(
     group's fp32 changes are alive at a time (instead of 4 bytes per candidate parameter).
 
     Each group trains alone (other candidates frozen) on the same batches ``batches(0..P-1)``, so
-    the result does not depend on how groups are ordered. AdamW runs on fp32 master copies; the
+    the result does not depend on how groups are ordered. Groups need PP = 1 (at PP > 1 the
+    stages' groups would train at once; refused unless one group holds every candidate). AdamW runs on fp32 master copies; the
     model's weights are overwritten with the (rounded) masters during the probe and restored from
     a saved copy at the end, even on error.
     """
     group = cfg.group_size or max(len(modules), 1)
+    _check_groups_under_pipeline(modules, cfg.group_size)
     # Every step's data before any weight moves: a source that samples from the model (the
     # policy-gradient objective) must sample all P steps from the base, not from the first
     # group's partly trained weights, or the groups would see different data.
@@ -241,7 +274,9 @@ def probe_weight_deltas(
                     for w in weights:
                         w.grad = None
                     run_schedule(chunks, micro, forward_step=forward_step)
-                    grads = _mean_grads_over_dp(weights, _normalizer(micro, batches))
+                    grads = _mean_grads_over_dp(
+                        weights, _normalizer(micro, batches, f"probe step {step}")
+                    )
                     for m, master, g in zip(refs, masters, grads):
                         _check_finite(m.name, g, f"the probe gradient at step {step}")
                         master.grad = g

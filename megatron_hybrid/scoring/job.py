@@ -7,6 +7,7 @@ parallel.pipeline_model_parallel_size=2 --out plan.json``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +33,10 @@ from megatron_hybrid.scoring.plan_io import (
     save_plan,
 )
 from megatron_hybrid.scoring.run import (
+    PROBE_METHODS,
     ScoreConfig,
     describe,
+    local_candidates,
     plan_entries,
     score_modules,
     select_and_check,
@@ -98,7 +101,12 @@ def _policy_gradient_source(chunks, cfg: ScoreJobConfig):
     tok = CharTokenizer()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    per_rank = max(cfg.grpo.prompts_per_step // dp_size, 1)
+    if cfg.grpo.prompts_per_step % dp_size:
+        raise ValueError(
+            f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} must be a multiple of the "
+            f"data-parallel size {dp_size} (each DP rank samples an equal share of the prompts)"
+        )
+    per_rank = cfg.grpo.prompts_per_step // dp_size
 
     def prompts(k: int):
         gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + 104_729 + k)
@@ -127,15 +135,11 @@ def run_score_job(
         chunks = build_model(cfg.model, cfg.parallel)
         rank0 = torch.distributed.get_rank() == 0
         method = cfg.score.method
-        steps = (
-            0
-            if method == "random"
-            else (
-                cfg.score.probe.steps
-                if method.startswith(("probe", "epd"))
-                else cfg.score.num_batches
-            )
-        )
+        steps = 0 if method == "random" else cfg.score.num_batches
+        if method in PROBE_METHODS:  # one tick per (group, step) of this rank's probe
+            group = cfg.score.probe.group_size
+            n = len(local_candidates(chunks))
+            steps = cfg.score.probe.steps * (math.ceil(n / group) if group else 1)
         bar = None
         if show_progress and rank0 and steps:
             from tqdm.auto import tqdm

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_hybrid.rl.advantages import group_advantages
-from megatron_hybrid.rl.generation import LogprobSpec, generate, sequence_logprobs
+from megatron_hybrid.rl.generation import LogprobSpec, generate, rollout_seed, sequence_logprobs
 from megatron_hybrid.rl.grpo import GRPOConfig, RLBatch, _policy_forward_step, make_micro_batches
 from megatron_hybrid.rl.losses import normalizer_count
 from megatron_hybrid.rl.rewards import get_reward_function, score_completions
@@ -61,7 +62,9 @@ def policy_gradient_source(
                 cfg.sampling,
                 stop_token=stop_token,
                 vocab_size=vocab_size,
-                seed=seed * 7919 + k,
+                # Each DP rank samples its own completions (the same across its model-parallel
+                # group, as generate requires).
+                seed=rollout_seed(seed, k, parallel_state.get_data_parallel_rank()),
                 micro_batch_size=cfg.micro_batch_size,
             )
             old = sequence_logprobs(

@@ -116,13 +116,16 @@ class PlanArtifact:
 
 
 def layout_record(parallel) -> dict:
-    """The ``calibration.layout`` of a plan: the TP / PP sizes of ``parallel`` (a
-    :class:`~megatron_hybrid.runtime.distributed.ParallelConfig`) and the DP size in use."""
+    """The ``calibration.layout`` of a plan: the TP / PP / virtual-PP sizes and sequence
+    parallelism of ``parallel`` (a :class:`~megatron_hybrid.runtime.distributed.ParallelConfig`)
+    and the DP size in use."""
     from megatron.core import parallel_state
 
     return {
         "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
         "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": parallel.virtual_pipeline_model_parallel_size,
+        "sequence_parallel": parallel.sequence_parallel,
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
     }
 

@@ -241,7 +241,20 @@ def _natural_key(name: str) -> tuple:
 def select_and_check(
     table: Sequence[ModuleScore], method: str, select: SelectionConfig
 ) -> list[str]:
-    """The FFT selection by ``method``; verified identical on every rank (all-gather of a hash)."""
+    """The FFT selection by ``method``; verified identical on every rank (all-gather of a hash).
+
+    Raises:
+        ValueError: every candidate has the same ``method`` score (nothing to rank: the selection
+            would follow module names).
+    """
+    values = {m.scores[method] for m in table}
+    if len(table) > 1 and len(values) == 1:
+        raise ValueError(
+            f"all {len(table)} candidates have the same {method} score ({values.pop():g}), so the "
+            "selection would only follow module names: the calibration gradient is zero "
+            "(score.objective=policy_gradient: no reward differences within any group, so every "
+            "advantage is 0; pick prompts the model sometimes solves, or use objective nll)"
+        )
     chosen = select_fft_modules(
         [Candidate(m.name, m.params, m.scores[method]) for m in table], select
     )

@@ -141,7 +141,7 @@ def test_check_int_refuses_bools_and_allows_null_when_optional():
 
 
 def test_rollout_seeds_differ_across_steps_and_data_parallel_ranks():
-    from megatron_hybrid.demo.runner import rollout_seed
+    from megatron_hybrid.rl.generation import rollout_seed
 
     for s in range(3):
         seeds = [rollout_seed(s, k, r) for k in range(1, 400) for r in range(64)]

@@ -181,6 +181,24 @@ def test_a_nan_weight_is_a_floating_point_error_naming_the_module_and_the_batch(
     assert_flags_and_grads(chunks[0], flags, grads)
 
 
+def test_a_batch_without_loss_tokens_is_an_error_naming_the_batch_not_a_module():
+    """Before, 0 / 0 surfaced as the first module's 'non-finite values in the gradient'."""
+    chunks = build()
+    source = batches()
+
+    def masked(k: int):
+        micro = source(k)
+        if k == 1:
+            for b in micro:
+                b.loss_mask.zero_()
+        return micro
+
+    with pytest.raises(ValueError, match=r"calibration batch 1 has no loss tokens"):
+        accumulate_gradients(chunks, local_candidates(chunks), masked, 2)
+    with pytest.raises(ValueError, match=r"probe step 1 has no loss tokens"):
+        probe_weight_deltas(chunks, local_candidates(chunks), masked, PROBE)
+
+
 # -- probe_weight_deltas ----------------------------------------------------------------------
 def reference_probe(model, ref, source, cfg: ProbeConfig) -> tuple[torch.Tensor, float]:
     """One module trained alone by a plain AdamW loop on the per-token-mean loss."""

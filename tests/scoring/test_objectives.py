@@ -77,3 +77,61 @@ def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monke
             got[ref.name], w.grad.float(), rtol=1e-4, atol=1e-7, msg=ref.name
         )
         assert w.grad.abs().sum() > 0
+
+
+def test_policy_gradient_rollouts_differ_across_data_parallel_ranks(
+    single_rank_runtime, monkeypatch
+):
+    """Each DP rank samples its own completions (before, every rank used seed * 7919 + k, so the
+    DP-averaged gradient averaged copies of the same samples for identical prompts)."""
+    from megatron.core import parallel_state
+
+    from megatron_hybrid.rl.generation import rollout_seed
+    from megatron_hybrid.scoring import objectives
+
+    seeds: list[int] = []
+    real_generate = objectives.generate
+
+    def recording_generate(*args, seed, **kwargs):
+        seeds.append(seed)
+        return real_generate(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(objectives, "generate", recording_generate)
+    tok = CharTokenizer()
+    chunks = build_model(MODEL, ParallelConfig())
+    cfg = GRPOConfig(
+        prompts_per_step=1,
+        group_size=4,
+        micro_batch_size=4,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=5),
+    )
+    pairs = [(tok.encode(p), a) for p, a in ArithTask().sample(1, torch.Generator().manual_seed(1))]
+    completions = []
+    for dp_rank in (0, 1):
+        monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, r=dp_rank, **k: r)
+        batches, _ = objectives.policy_gradient_source(
+            chunks,
+            lambda k: pairs,
+            cfg,
+            decode=tok.decode,
+            stop_token=tok.eos_id,
+            vocab_size=tok.vocab_size,
+            seed=3,
+        )
+        completions.append(torch.cat([b.tokens for b in batches(2)]))
+    assert seeds == [rollout_seed(3, 2, 0), rollout_seed(3, 2, 1)]
+    assert not torch.equal(completions[0], completions[1])
+
+
+def test_score_job_refuses_prompts_that_do_not_split_over_data_parallel_ranks(
+    single_rank_runtime, monkeypatch
+):
+    """Before, 16 prompts quietly became 15 at DP=3 (and dp_size prompts once DP > 16)."""
+    from megatron.core import parallel_state
+
+    from megatron_hybrid.scoring.job import ScoreJobConfig, _policy_gradient_source
+
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda *a, **k: 3)
+    cfg = ScoreJobConfig()
+    with pytest.raises(ValueError, match=r"grpo.prompts_per_step=16 must be a multiple of .* 3"):
+        _policy_gradient_source(build_model(MODEL, ParallelConfig()), cfg)

@@ -217,6 +217,16 @@ def test_select_and_check_passes_selection_errors_through(single_rank_runtime):
         select_and_check(table, "residual", SelectionConfig())
 
 
+def test_select_and_check_refuses_scores_that_are_all_equal(single_rank_runtime):
+    """A zero calibration gradient (policy_gradient with no reward differences) scores every
+    module 0; before, the selection then followed module names without a word."""
+    table = table_of({n: 0.0 for n in ORDER})
+    with pytest.raises(
+        ValueError, match=rf"all {len(ORDER)} candidates have the same residual score \(0\)"
+    ):
+        select_and_check(table, "residual", SelectionConfig())
+
+
 def test_plan_entries_mark_the_selection_fft_and_the_rest_lora_at_the_rank():
     table = table_of({n: float(i) for i, n in enumerate(ORDER)})
     entries = plan_entries(table, [ORDER[2], ORDER[5]], lora_rank=6)

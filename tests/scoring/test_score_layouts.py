@@ -59,3 +59,10 @@ def test_scores_and_selection_match_svdvals_reference(reference, layout):
         )
         assert got[method]["selection"] == want_sel
         assert len(want_sel) == 4  # ceil(0.2 x 16)
+
+
+def test_probe_groups_smaller_than_all_candidates_are_refused_at_pp2():
+    from tests.multirank import launch, worker_path
+
+    out = launch(worker_path("probe_groups_pp"), 2, timeout=180).stdout
+    assert "OK rank 0" in out and "OK rank 1" in out, out
