@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ConnectionError,
+        FloatingPointError,
+    ) as e:
         print(f"megatron-hybrid {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ full dotted key and list the valid ones; values are validated by each dataclass'
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -134,9 +135,14 @@ def check_int(key: str, value: object, *, minimum: int = 1, optional: bool = Fal
 
 
 def check_number(key: str, value: object, ok: Callable[[float], bool], what: str) -> None:
-    """ValueError naming ``key`` unless ``value`` is an int or float (not a bool, not NaN) for
-    which ``ok`` holds; ``what`` says the condition in the message (``"> 0"``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+    """ValueError naming ``key`` unless ``value`` is a finite int or float (not a bool, NaN or
+    infinity) for which ``ok`` holds; ``what`` says the condition in the message (``"> 0"``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
         raise ValueError(f"{key} must be a number {what}, got {value!r}")
 
 

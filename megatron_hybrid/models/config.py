@@ -113,6 +113,6 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up so the embedding shards evenly (Megatron pads to 128 x TP)."""
+        """Vocabulary rounded up so the embedding shards evenly (to a multiple of 8 x TP; Megatron-LM pads to 128 x TP)."""
         multiple = 8 * tensor_model_parallel_size
         return -(-self.vocab_size // multiple) * multiple

@@ -158,6 +158,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[GPTModel]:
             rotary_base=model.rotary_base,
             vp_stage=stage,
         )
+        # the real vocabulary: losses and sampling mask the padding rows beyond it
+        gpt.unpadded_vocab_size = model.vocab_size
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         if config.recompute_granularity == "full":

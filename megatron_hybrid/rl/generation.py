@@ -20,10 +20,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from megatron_hybrid.config import check_int
+from megatron_hybrid.models.vocab import mask_padded_vocab, next_token_nll
 from megatron_hybrid.train.step import run_schedule
 
 __all__ = [
@@ -142,17 +142,6 @@ def _last_stage_src(pp_group: dist.ProcessGroup) -> int:
     return ranks[-1]
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, first: int = 0) -> torch.Tensor:
-    """``logits [..., V_part]`` with the columns of Megatron's padding rows (vocabulary ids
-    ``>= vocab_size``) set to ``-inf``; ``first`` is the vocabulary id of column 0 (a TP shard
-    starts at ``tp_rank * V_part``). Returns ``logits`` itself when the part holds no padding."""
-    part = logits.shape[-1]
-    if first + part <= vocab_size:
-        return logits
-    ids = torch.arange(first, first + part, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
-
-
 def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
     """Token ids ``[B]`` from logits ``[B, V]`` (float32)."""
     if cfg.temperature == 0:
@@ -243,7 +232,7 @@ class LogprobSpec:
     temperature: float = 1.0
     vocab_size: int | None = None
     """Real vocabulary size; logits of the padding rows beyond it (Megatron pads the vocabulary to
-    a multiple of 128 x TP) are masked, as in sampling. None keeps them (the model's own loss)."""
+    a multiple of 8 x TP) are masked, as in sampling. None keeps them (the model's own loss)."""
 
     @classmethod
     def of(cls, sampling: SamplingConfig, vocab_size: int | None) -> LogprobSpec:
@@ -264,16 +253,14 @@ def token_nll(
     are scaled and the padded vocabulary masked first; vocabulary-parallel cross entropy keeps the
     ``V/tp`` logit shards unreduced either way.
     """
-    if spec.temperature == 1.0 and spec.vocab_size is None:
-        return model(tokens, positions, None, labels=labels)
-    out = model(tokens, positions, None)
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return out
-    logits = out.float() / spec.temperature  # [b, s, V/tp], a new tensor
-    if spec.vocab_size is not None:
-        first = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-        logits = mask_padded_vocab(logits, spec.vocab_size, first)
-    return vocab_parallel_cross_entropy(logits, labels)
+    return next_token_nll(
+        model,
+        tokens,
+        positions,
+        labels,
+        vocab_size=spec.vocab_size,
+        temperature=spec.temperature,
+    )
 
 
 def _logprob_step(spec: LogprobSpec, data_iterator, model):

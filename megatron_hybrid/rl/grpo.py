@@ -44,6 +44,7 @@ from megatron_hybrid.rl.reward_consensus import score_per_replica
 from megatron_hybrid.rl.rewards import get_reward_function
 from megatron_hybrid.train.step import (
     OptimConfig,
+    optimizer_step,
     run_schedule,
     set_learning_rate,
     to_model_device,
@@ -302,9 +303,7 @@ def policy_update(
         forward_step=partial(_policy_forward_step, loss_cfg, spec or LogprobSpec()),
     )
     set_learning_rate(optimizer, optim, step, total_steps)
-    ok, grad_norm, _ = optimizer.step()
-    if not ok:
-        raise RuntimeError(f"policy step {step}: optimizer step skipped (non-finite gradients)")
+    grad_norm = optimizer_step(optimizer, f"policy step {step}")
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None, {"grad_norm": float(grad_norm)}
     summed = _summed_metrics(reports)

@@ -33,6 +33,7 @@ from megatron_hybrid.train.step import (
     OptimConfig,
     build_optimizer,
     lm_forward_backward,
+    optimizer_step,
     set_learning_rate,
     wrap_ddp,
 )
@@ -191,9 +192,7 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
             micro = global_batch_shard(batch, cfg.run.micro_batch_size, dp_rank, dp_size)
             set_learning_rate(optimizer, cfg.optim, step - 1, cfg.run.steps)
             loss = lm_forward_backward(ddp, micro)
-            ok, _grad_norm, _ = optimizer.step()
-            if not ok:
-                raise RuntimeError(f"step {step}: optimizer step skipped (non-finite gradients)")
+            optimizer_step(optimizer, f"step {step}")
             if loss is not None:
                 losses.append(loss)
                 if logging and (step % cfg.run.log_interval == 0 or step == 1):

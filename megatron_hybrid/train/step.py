@@ -25,6 +25,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_hybrid.config import check_int, check_number
+from megatron_hybrid.models.vocab import next_token_nll, unwrapped_attr
 
 __all__ = [
     "Batch",
@@ -63,8 +64,8 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warm-up steps (see :func:`set_learning_rate`)."""
     decay: str = "constant"
-    """After warm-up: ``constant`` or ``cosine`` (to ``min_lr_ratio`` x lr at the last step:
-    with the default floor 0 the last step changes nothing but Adam's moments)."""
+    """After warm-up: ``constant`` or ``cosine`` (to ``min_lr_ratio`` x lr at the step after the
+    last; see :func:`learning_rate_factor`)."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay, as a fraction of the peak rate."""
 
@@ -75,6 +76,9 @@ class OptimConfig:
         check_number("optim.lora_lr_mult", self.lora_lr_mult, lambda v: v > 0, "> 0")
         check_number("optim.loraplus_lr_ratio", self.loraplus_lr_ratio, lambda v: v > 0, "> 0")
         check_int("optim.warmup_steps", self.warmup_steps, minimum=0)
+        for key in ("adam_beta1", "adam_beta2"):
+            check_number(f"optim.{key}", getattr(self, key), lambda v: 0 <= v < 1, "in [0, 1)")
+        check_number("optim.adam_eps", self.adam_eps, lambda v: v > 0, "> 0")
         if self.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {self.decay!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -165,12 +169,18 @@ def build_optimizer(chunks: Sequence[DistributedDataParallel], optim: OptimConfi
 
 
 def learning_rate_factor(optim: OptimConfig, step: int, total_steps: int) -> float:
-    """Multiplier of the peak rate at optimizer step ``step`` (0-based) of ``total_steps``."""
+    """Multiplier of the peak rate at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up ``(step + 1) / warmup_steps`` (the first step already trains), then cosine
+    from 1 at step ``warmup_steps`` to ``min_lr_ratio`` at step ``total_steps``, the step after
+    the last, as in Hugging Face's cosine schedule: every step trains. Before, the decay reached
+    the floor at the last step itself (learning rate 0 without a floor).
+    """
     if optim.warmup_steps and step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     if optim.decay == "constant":
         return 1.0
-    span = max(total_steps - optim.warmup_steps - 1, 1)
+    span = max(total_steps - optim.warmup_steps, 1)
     progress = min(max(step - optim.warmup_steps, 0) / span, 1.0)
     floor = optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -188,6 +198,31 @@ def set_learning_rate(optimizer, optim: OptimConfig, step: int, total_steps: int
     for group in optimizer.param_groups:
         group["lr"] = group.get("max_lr", optim.lr) * factor
         group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
+
+
+def optimizer_step(optimizer, where: str) -> float:
+    """``optimizer.step()``, then a stop if the global gradient norm was not finite; returns that
+    norm (before clipping).
+
+    Megatron finds inf/NaN gradients only through an fp16 loss scaler: its fp32 and bf16
+    optimizers step on them, every weight turns NaN and the run goes on at loss NaN (saving NaN
+    checkpoints). The norm is Megatron's own (reduced over the model-parallel ranks;
+    data-parallel peers hold the same gradients), so every rank stops alike, before the caller
+    logs or saves anything of this step.
+
+    Raises:
+        FloatingPointError: non-finite gradients, naming ``where`` (e.g. ``"step 12"``).
+    """
+    ok, norm, _ = optimizer.step()
+    if norm is None:  # a single optimizer without clipping: the gradients are still in place
+        norm = optimizer.get_grad_norm()
+    norm = float(norm)
+    if not ok or not math.isfinite(norm):
+        raise FloatingPointError(
+            f"{where}: non-finite gradients (norm {norm}); the run stops here, before this step "
+            "is logged or saved. Lower the learning rate or set a gradient clip (clip_grad)"
+        )
+    return norm
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -213,8 +248,15 @@ def to_model_device(batch, model: torch.nn.Module):
 
 
 def _forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+    """Next-token loss over the REAL vocabulary: the logits of Megatron's padding rows (the
+    vocabulary is padded to a multiple of 8 x TP, so their number depends on TP) are masked, as in
+    sampling and in Hugging Face's loss. Before, they were part of the softmax, so the same base
+    trained to different losses at TP=1 and TP=2 (at TP=2 the extra rows load as zeros)."""
     batch = to_model_device(next(data_iterator), model)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    vocab_size = unwrapped_attr(model, "unpadded_vocab_size")  # set by build_model
+    output = next_token_nll(
+        model, batch.tokens, batch.position_ids, batch.labels, vocab_size=vocab_size
+    )
     return output, partial(_loss_func, batch.loss_mask)
 
 
@@ -262,14 +304,21 @@ def run_schedule(
     )
 
 
-def reduce_loss_reports(reports: list[dict]) -> float | None:
-    """Mean token loss over the global batch (DP all-reduced); None off the last pipeline stage."""
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    total = torch.stack([r["lm loss"] for r in reports]).sum(0)
-    dp = parallel_state.get_data_parallel_group()
-    if dp.size() > 1:
-        torch.distributed.all_reduce(total, group=dp)
+def reduce_loss_reports(reports: list[dict]) -> float:
+    """Mean token loss over the global batch, on every rank: summed on the last pipeline stage
+    (DP all-reduced), then broadcast over the pipeline group. Every rank must call it. Before,
+    ranks off the last stage got None, so at PP > 1 rank 0's progress lines, loss curves and
+    TensorBoard had no loss."""
+    total = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        total = torch.stack([r["lm loss"] for r in reports]).sum(0).double().cpu()
+        dp = parallel_state.get_data_parallel_group()
+        if dp.size() > 1:
+            torch.distributed.all_reduce(total, group=dp)
+    pp = parallel_state.get_pipeline_model_parallel_group()
+    if pp.size() > 1:
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(total, src=last, group=pp)
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -278,7 +327,7 @@ def lm_forward_backward(
     micro_batches: Sequence[Batch],
     *,
     forward_only: bool = False,
-) -> float | None:
+) -> float:
     """Run the Megatron schedule over ``micro_batches`` (this DP rank's share of the batch).
 
     Every pipeline stage passes the same ``micro_batches`` (only the first stage reads tokens,
@@ -286,7 +335,7 @@ def lm_forward_backward(
     finalised (DP all-reduce, SP/embedding reductions, division by the global token count).
 
     Returns:
-        The mean token loss over the global batch on the last pipeline stage, else None.
+        The mean token loss over the global batch (on every rank; see :func:`reduce_loss_reports`).
     """
     if not forward_only:
         zero_grads(chunks)

@@ -60,7 +60,7 @@ def test_layout_matches_tp1(reference, layout):
 def test_padding_rows_of_the_vocabulary_are_masked_per_shard():
     import torch
 
-    from megatron_hybrid.rl.generation import mask_padded_vocab
+    from megatron_hybrid.models.vocab import mask_padded_vocab
 
     logits = torch.arange(12.0).reshape(2, 6)  # ids first .. first + 5
     whole = mask_padded_vocab(logits, vocab_size=4)

@@ -81,3 +81,58 @@ def test_weight_decay_skips_biases_as_megatron_marks_them(single_rank_runtime, l
     assert ok
     assert torch.equal(module.bias, torch.ones_like(module.bias))
     torch.testing.assert_close(module.weight, torch.full_like(module.weight, 1 - lr * wd))
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        ({"adam_beta1": 1.5}, "optim.adam_beta1"),
+        ({"adam_beta2": 1.0}, "optim.adam_beta2"),
+        ({"adam_eps": 0.0}, "optim.adam_eps"),
+        ({"lr": float("inf")}, "optim.lr"),
+        ({"lora_lr_mult": float("inf")}, "optim.lora_lr_mult"),
+    ],
+)
+def test_optim_config_names_the_bad_key(kw, key):
+    """Before, bad Adam settings failed inside torch without a key, and infinite rates passed."""
+    with pytest.raises(ValueError, match=rf"{key} must be a number"):
+        OptimConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "total", "want"),
+    [
+        (2, 6, [0.5, 1.0, 1.0, 0.853553, 0.5, 0.146447]),
+        (0, 2, [1.0, 0.5]),
+        (0, 4, [1.0, 0.853553, 0.5, 0.146447]),
+    ],
+)
+def test_cosine_reaches_its_floor_after_the_last_step_not_at_it(warmup, total, want):
+    """Before, the last step ran at the floor (learning rate 0 by default): a wasted step."""
+    from megatron_hybrid.train.step import learning_rate_factor
+
+    optim = OptimConfig(warmup_steps=warmup, decay="cosine")
+    got = [learning_rate_factor(optim, s, total) for s in range(total)]
+    assert got == pytest.approx(want, abs=1e-6)
+    floored = OptimConfig(warmup_steps=warmup, decay="cosine", min_lr_ratio=0.1)
+    assert learning_rate_factor(floored, total, total) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_non_finite_gradient_stops_the_run_naming_the_step(single_rank_runtime, clip):
+    """Megatron's fp32 optimizer steps on NaN gradients (it checks only through an fp16 loss
+    scaler); before, `train optim.lr=1e30` went on at loss NaN and exited 0."""
+    from megatron_hybrid.train.step import optimizer_step
+
+    ddp = tiny_hybrid_ddp(single_rank_runtime)
+    opt = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=clip))
+    batch = make_sft_batch(
+        ArithTask().sample(4, torch.Generator().manual_seed(0)), CharTokenizer(), 16
+    )
+    lm_forward_backward(ddp, [batch])
+    assert optimizer_step(opt, "step 1") > 0
+    lm_forward_backward(ddp, [batch])
+    trainable = [p for p in ddp[0].module.parameters() if p.requires_grad]
+    trainable[0].main_grad.view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 2: non-finite gradients \(norm nan\)"):
+        optimizer_step(opt, "step 2")

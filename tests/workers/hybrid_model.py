@@ -163,7 +163,10 @@ def main() -> None:
     full_after = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     losses: list = [None] * dist.get_world_size()
     dist.all_gather_object(losses, (loss, loss_after))
-    last = [x for x in losses if x[0] is not None]
+    # every rank reports the global loss (before, ranks off the last pipeline stage got None)
+    if any(x != losses[-1] for x in losses):
+        raise AssertionError(f"ranks report different losses: {losses}")
+    last = losses[-1:]
     if dist.get_rank() == 0:
         torch.save(
             {
