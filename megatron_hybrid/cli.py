@@ -7,9 +7,17 @@ under ``torchrun`` (``torchrun --nproc_per_node N -m megatron_hybrid.cli <subcom
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
+
+
+def _flag(key: str, value: str) -> str:
+    """A command-line flag as a ``key=value`` override whose value stays the string given: quoted
+    (JSON is YAML), so that ``--data '*.jsonl'``, ``--out 2024``, ``--prompt-field on`` or a path
+    holding `` #`` are not read as YAML syntax, a number, a boolean or a comment."""
+    return f"{key}={json.dumps(value)}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -25,7 +33,7 @@ def _score(args: argparse.Namespace) -> int:
     from megatron_hybrid.config import load_config
     from megatron_hybrid.scoring.job import ScoreJobConfig, run_score_job
 
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    overrides = list(args.overrides) + ([_flag("out", args.out)] if args.out else [])
     cfg = load_config(ScoreJobConfig, args.config, overrides)
     run_score_job(cfg)
     return 0
@@ -49,7 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     overrides = (quick_overrides() if args.quick else []) + list(args.overrides)
     if args.out:
-        overrides.append(f"out={args.out}")
+        overrides.append(_flag("out", args.out))
     sweep_flags = {
         "--lrs": args.lrs,
         "--lora-mults": args.lora_mults,
@@ -81,7 +89,7 @@ def _posttrain(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "out": args.out,
     }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    overrides = [_flag(k, v) for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = load_config(PostTrainConfig, args.config, overrides)
     run_posttrain(cfg, args.command)
     return 0

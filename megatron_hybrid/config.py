@@ -199,6 +199,8 @@ def from_dict(cls: type[T], data: dict | None, path: str = "", base: T | None = 
         if isinstance(value, sub) or (value is None and _is_optional(hints[key])):
             kwargs[key] = value
             continue
+        if value is None:  # an empty section (``model:`` with every key commented out)
+            value = {}
         if not isinstance(value, dict):
             raise ValueError(f"{full}: expected a mapping, got {type(value).__name__} {value!r}")
         default = getattr(base, key) if base is not None else _field_default(fields[key])

@@ -92,16 +92,24 @@ def replace_directory(staging: str | Path, final: str | Path) -> Path:
     """Rename the complete directory ``staging`` to ``final``, replacing an existing ``final``.
 
     The old ``final`` is moved aside to :func:`replaced_sibling` first and deleted only after the
-    new one is in place, and the parent directory is fsynced in between, so at every instant one
-    complete version exists under ``final`` or its sibling. Returns ``final``.
+    new one is in place (and the parent directory fsynced), so at every instant one complete
+    version exists under ``final`` or its sibling; if the second rename fails, the old one is
+    moved back. Returns ``final``.
     """
     staging, final = Path(staging), Path(final)
     old = replaced_sibling(final)
+    moved = False
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-    os.replace(staging, final)
+        moved = True
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if moved and not final.exists():  # put the previous version back under its name
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
@@ -119,7 +127,7 @@ def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
     ``overwrite`` everything in it is replaced. An existing empty directory is replaced too
     (so a mount point, which cannot be renamed, is refused up front).
     """
-    final = Path(final).absolute()
+    final = Path(final).resolve()
     check_writable_directory(final, overwrite=overwrite)
     staging = staging_sibling(final)
     if staging.exists():
@@ -137,8 +145,8 @@ def staged_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
 def check_writable_directory(final: str | Path, *, overwrite: bool) -> None:
     """Refuse an output directory that holds something, unless ``overwrite`` (see
     :func:`staged_directory`); a path that exists but is not a directory is always refused."""
-    final = Path(final).absolute()
-    cwd = Path.cwd()
+    final = Path(final).resolve()  # ``../here`` and symlinks too: compare real paths
+    cwd = Path.cwd().resolve()
     if final.name in ("", ".", "..") or final == cwd or final in cwd.parents:
         raise ValueError(
             f"output directory {final} must be a directory of its own, not the current "

@@ -160,3 +160,13 @@ def test_a_plan_file_that_is_not_json_exits_2_naming_the_file(tmp_path, capsys):
     assert main(["plan", "show", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"megatron-hybrid plan: error: plan file {path} is not valid JSON")
+
+
+@pytest.mark.parametrize("value", ["*.jsonl", "2024", "on", "runs/a #1", "null", "a: b"])
+def test_flag_values_stay_the_strings_given(value):
+    """Before, flags were pasted into YAML overrides: ``--data '*.jsonl'`` was invalid YAML,
+    ``--out 2024`` a number, ``--prompt-field on`` True and ``runs/a #1`` cut at the comment."""
+    from megatron_hybrid.cli import _flag
+    from megatron_hybrid.config import parse_overrides
+
+    assert parse_overrides([_flag("data.path", value)]) == {"data": {"path": value}}

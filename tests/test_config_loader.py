@@ -48,6 +48,13 @@ def test_empty_file_gives_the_defaults(tmp_path):
     assert load_config(QuickstartConfig, write(tmp_path, "# nothing\n")) == QuickstartConfig()
 
 
+def test_an_empty_section_keeps_its_defaults(tmp_path):
+    """``model:`` with every key commented out is YAML null; before, "expected a mapping"."""
+    text = "model:\n  # num_layers: 8\noptim:\n  lr: 2.0e-3\n"
+    cfg = load_config(QuickstartConfig, write(tmp_path, text))
+    assert cfg.model == QuickstartConfig().model and cfg.optim.lr == 2e-3
+
+
 def test_yaml_file_overrides_only_the_keys_it_names(tmp_path):
     cfg = load_config(QuickstartConfig, write(tmp_path, YAML))
     default = QuickstartConfig()
@@ -191,7 +198,7 @@ def test_a_nested_error_names_its_section_once(override):
     assert f"{section}: {section}:" not in str(info.value)
 
 
-@pytest.mark.parametrize("overrides", [["model=3"], ["peft=[linear_qkv]"], ["run=null"]])
+@pytest.mark.parametrize("overrides", [["model=3"], ["peft=[linear_qkv]"], ["run=true"]])
 def test_a_section_given_a_non_mapping_is_an_error_naming_it(overrides):
     section = overrides[0].split("=")[0]
     with pytest.raises(ValueError, match=rf"{section}: expected a mapping"):

@@ -87,3 +87,41 @@ def test_outputs_that_cannot_be_replaced_whole_are_refused_up_front(tmp_path, mo
     if os.path.ismount("/proc"):
         with pytest.raises(ValueError, match="is a mount point"):
             check_writable_directory("/proc", overwrite=True)
+
+
+def test_the_current_directory_is_refused_through_dotdot_and_symlinks(tmp_path, monkeypatch):
+    """Before, ``--out ../here`` (and a symlink to here) passed the check, and the swap moved
+    the current directory aside, failed, and left the output missing."""
+    from megatron_hybrid.fileio import check_writable_directory
+
+    here = tmp_path / "here"
+    here.mkdir()
+    (tmp_path / "link").symlink_to(here)
+    monkeypatch.chdir(here)
+    for out in ("../here", str(tmp_path / "link"), "sub/.."):
+        with pytest.raises(ValueError, match="not the current directory"):
+            check_writable_directory(out, overwrite=True)
+
+
+def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch):
+    from megatron_hybrid import fileio
+
+    final, staging = tmp_path / "out", tmp_path / ".out.partial"
+    final.mkdir()
+    (final / "old.txt").write_text("previous")
+    staging.mkdir()
+    real = os.replace
+    calls = []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        fileio.replace_directory(staging, final)
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert (final / "old.txt").read_text() == "previous"
+    assert not fileio.replaced_sibling(final).exists()

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from megatron_hybrid.fileio import (
+    check_writable_directory,
     fsync_dir,
     fsync_tree,
     replace_directory,
@@ -75,11 +76,12 @@ def _replaced(final: Path) -> Path | None:
 def begin_staging(final: Path, *, overwrite: bool = True) -> Path:
     """Create an empty staging directory for ``final``; remove a stale one left by a killed save.
 
-    Raises ``FileExistsError`` when ``final`` exists and ``overwrite`` is False.
+    Raises ``FileExistsError`` when ``final`` exists, is not empty and ``overwrite`` is False,
+    and refuses what :func:`~megatron_hybrid.fileio.check_writable_directory` refuses (the
+    current directory or one above it, a mount point, a file).
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; choose another directory or remove it")
+    check_writable_directory(final, overwrite=overwrite)
     staging = staging_path(final)
     if staging.exists():
         shutil.rmtree(staging)

@@ -69,15 +69,26 @@ def _one_process(args: argparse.Namespace) -> None:
         )
 
 
-def _refuse_existing_out(args: argparse.Namespace) -> None:
-    """Refuse an existing checkpoint ``--out`` before any model is built (the write refuses it
-    too, but only after the whole model was built and filled)."""
+def _check_out(args: argparse.Namespace, *inputs: tuple[str, object]) -> None:
+    """Refuse ``--out`` before any model is built (the write refuses it too, but only after the
+    whole model was built and filled): one that holds something (unless ``--overwrite``), is a
+    file, the current directory or one above it, or a mount point; and one that is, contains or
+    lies inside an input (``inputs``: (flag, path) pairs, None skipped), which ``--overwrite``
+    would replace while it is being read."""
     from pathlib import Path
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(
-            f"--out {args.out} already exists; choose another or pass --overwrite"
-        )
+    from megatron_hybrid.fileio import check_writable_directory
+
+    check_writable_directory(args.out, overwrite=args.overwrite)
+    out = Path(args.out).resolve()
+    for flag, path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ValueError(
+                f"--out {args.out} overlaps the input {flag} {path}; write to another directory"
+            )
 
 
 @_with_runtime
@@ -85,7 +96,7 @@ def _convert_hf(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.hf_to_mcore import convert_hf_to_mcore, hf_model_config
 
     hf_model_config(args.hf, args.dtype)  # validate before starting anything
-    _refuse_existing_out(args)
+    _check_out(args, ("--hf", args.hf))
     parallel = _runtime(args)
     out = convert_hf_to_mcore(
         args.hf, args.out, parallel, params_dtype=args.dtype, overwrite=args.overwrite
@@ -97,8 +108,8 @@ def _convert_hf(args: argparse.Namespace) -> str:
 def _merge(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.merge import merge_checkpoint, read_trainables_meta
 
-    read_trainables_meta(args.trainables)
-    _refuse_existing_out(args)
+    trainables, meta = read_trainables_meta(args.trainables)
+    _check_out(args, ("--trainables", trainables), ("the base", args.base or meta.base))
     parallel = _runtime(args)
     out = merge_checkpoint(
         args.trainables,
@@ -119,6 +130,7 @@ def _convert_to_hf(args: argparse.Namespace) -> str:
     directory = resolve_checkpoint(args.checkpoint)
     verify_checkpoint(directory)
     read_meta(directory)
+    _check_out(args, ("--checkpoint", directory), ("--tokenizer-from", args.tokenizer_from))
     _one_process(args)
     _runtime(args, layout=False)
     out = convert_mcore_to_hf(
@@ -137,7 +149,8 @@ def _export_peft(args: argparse.Namespace) -> str:
     from megatron_hybrid.convert.export_peft import export_peft
     from megatron_hybrid.convert.merge import read_trainables_meta
 
-    read_trainables_meta(args.trainables)
+    trainables, meta = read_trainables_meta(args.trainables)
+    _check_out(args, ("--trainables", trainables), ("the base", meta.base))
     _one_process(args)
     _runtime(args, layout=False)
     out = export_peft(

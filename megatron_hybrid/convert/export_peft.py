@@ -47,8 +47,12 @@ def _spec(meta, arch: str | None, directory: Path) -> tuple[ArchSpec, dict | Non
     if meta.base:
         try:
             original = (read_meta(resolve_checkpoint(meta.base)).hf or {}).get("config")
-        except (CheckpointError, FileNotFoundError):
-            original = None
+        except (CheckpointError, FileNotFoundError) as e:
+            if arch is None:  # the real cause, not "records no HF origin"
+                raise ValueError(
+                    f"{directory}: its base {meta.base} cannot be read ({e}); restore it, or pass "
+                    "--arch (llama / qwen2) and --base-model"
+                ) from e
     if arch is not None:
         return arch_by_name(arch), original
     if original is not None:

@@ -80,6 +80,7 @@ def convert_mcore_to_hf(
             f"{directory} holds trainables only; merge them into the base first (megatron-hybrid merge)"
         )
     check_writable_directory(out_dir, overwrite=overwrite)  # before reading any tensor
+    tokenizer_files = _tokenizer_files(tokenizer_from)
     model = meta.model_config()
     original = (meta.hf or {}).get("config")
     if arch is not None:
@@ -106,9 +107,24 @@ def convert_mcore_to_hf(
     hf = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
     with staged_directory(out_dir, overwrite=overwrite) as staging:
         write_hf_model(staging, hf, spec.hf_config(model, original, dtype))
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_from) / name
-                if src.is_file():
-                    shutil.copy2(src, staging / name)
+        for src in tokenizer_files:
+            shutil.copy2(src, staging / src.name)
     return Path(out_dir)
+
+
+def _tokenizer_files(tokenizer_from: str | Path | None) -> list[Path]:
+    """The tokenizer files to copy from ``tokenizer_from``; a missing directory, or one without
+    any of :data:`TOKENIZER_FILES`, is an error naming it (before, the export went on without a
+    tokenizer and without a word)."""
+    if tokenizer_from is None:
+        return []
+    directory = Path(tokenizer_from)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--tokenizer-from {directory} is not a directory")
+    files = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    if not files:
+        raise FileNotFoundError(
+            f"--tokenizer-from {directory} holds none of the tokenizer files "
+            f"{', '.join(TOKENIZER_FILES)}"
+        )
+    return files

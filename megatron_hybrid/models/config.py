@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_hybrid.config import check_int
+from megatron_hybrid.config import check_int, check_number
 
 __all__ = ["ModelConfig"]
 
@@ -42,8 +42,8 @@ class ModelConfig:
     """Bias on ``linear_qkv`` only (Qwen2: yes)."""
     position_embedding_type: str = "rope"
     """``rope`` or ``learned_absolute``."""
-    rotary_base: int = 10000
-    """RoPE base frequency."""
+    rotary_base: float = 10000
+    """RoPE base frequency (HF ``rope_theta``; ``5e5`` or ``500000``)."""
     untie_embeddings_and_output_weights: bool = True
     """Separate output head (Llama); False ties it to the input embedding."""
     init_method_std: float = 0.02
@@ -97,6 +97,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.transformer_impl must be 'local' or 'transformer_engine', got {self.transformer_impl!r}"
             )
+        check_number("model.rotary_base", self.rotary_base, lambda v: v > 0, "> 0")
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise ValueError(f"model.fp8 must be e4m3, hybrid or null, got {self.fp8!r}")
         if self.fp8 is not None and self.transformer_impl != "transformer_engine":
             raise ValueError("model.fp8 needs model.transformer_impl: transformer_engine")
         if self.recompute_granularity not in (None, "full", "selective"):

@@ -141,6 +141,27 @@ def check_layout(cfg: QuickstartConfig) -> None:
         )
 
 
+def check_micro_batches(cfg: QuickstartConfig, dp_size: int) -> None:
+    """The global batch splits into micro-batches over ``dp_size`` data-parallel ranks, and an
+    interleaved pipeline gets at least PP of them (Megatron asserts that inside the first step,
+    naming no key)."""
+    run = cfg.run
+    if run.global_batch_size % (run.micro_batch_size * dp_size):
+        raise ValueError(
+            f"run.global_batch_size ({run.global_batch_size}) must be a multiple of "
+            f"micro_batch_size x data-parallel size ({run.micro_batch_size} x {dp_size})"
+        )
+    num_micro = run.global_batch_size // (run.micro_batch_size * dp_size)
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if (cfg.parallel.virtual_pipeline_model_parallel_size or 1) > 1 and num_micro < pp:
+        raise ValueError(
+            f"the interleaved (virtual) pipeline needs at least PP={pp} micro-batches per "
+            f"data-parallel rank; run.global_batch_size / (run.micro_batch_size x DP) = "
+            f"{run.global_batch_size} / ({run.micro_batch_size} x {dp_size}) = {num_micro}: "
+            "raise run.global_batch_size or lower run.micro_batch_size"
+        )
+
+
 def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
     """Train up to step ``cfg.run.steps``; returns ``{"losses", "summary", "wall_time_s",
     "first_step"}`` (``losses`` of the steps this call ran, from ``first_step``)."""
@@ -154,11 +175,7 @@ def run_quickstart(cfg: QuickstartConfig, *, printer=print) -> dict:
     try:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        if cfg.run.global_batch_size % (cfg.run.micro_batch_size * dp_size):
-            raise ValueError(
-                f"run.global_batch_size ({cfg.run.global_batch_size}) must be a multiple of "
-                f"micro_batch_size x data-parallel size ({cfg.run.micro_batch_size} x {dp_size})"
-            )
+        check_micro_batches(cfg, dp_size)
         chunks = build_model(cfg.model, cfg.parallel)
         run_ckpt = RunCheckpointer(
             cfg.checkpoint, cfg.model, printer=printer, base_details=tokenizer_details(tok)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,7 +52,34 @@ def test_one_process_commands_refuse_torchrun(tmp_path, capsys, monkeypatch):
     (run / "iter_0000001").mkdir(parents=True)
     argv = ["export-peft", "--trainables", str(run / "iter_0000001"), "--out", str(tmp_path / "a")]
     monkeypatch.setattr(
-        "megatron_hybrid.convert.merge.read_trainables_meta", lambda path: (path, None)
+        "megatron_hybrid.convert.merge.read_trainables_meta",
+        lambda path: (path, SimpleNamespace(base=None)),
     )
     assert main(argv) == 2
     assert "export-peft runs as one process" in capsys.readouterr().err
+
+
+def test_an_out_that_is_the_current_directory_or_an_input_exits_2_untouched(
+    tmp_path, capsys, monkeypatch
+):
+    """Before, ``convert-hf --out . --overwrite`` deleted the current directory's files, and an
+    ``--out`` inside ``--hf`` (or ``merge --out <base>``) was replaced while being read."""
+    from tests.convert.hf_models import make_hf_model
+
+    hf = tmp_path / "hf"
+    make_hf_model("llama", hf)
+    files = sorted(p.name for p in hf.iterdir())
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for out, message in (
+        (".", "not the current directory"),
+        ("../work", "not the current directory"),
+        (str(hf / "sub"), f"overlaps the input --hf {hf}"),
+        (str(tmp_path), "not the current directory"),
+    ):
+        assert main(["convert-hf", "--hf", str(hf), "--out", out, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err, out
+    assert (work / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in hf.iterdir()) == files

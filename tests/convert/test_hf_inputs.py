@@ -158,3 +158,27 @@ def test_mapping_names_every_hf_tensor_once():
 
 def test_architecture_names_are_matched_without_case():
     assert arch_by_name("Llama") is arch_by_name("LlamaForCausalLM") is arch_by_name("llama")
+
+
+def test_tokenizer_from_must_name_a_directory_with_tokenizer_files(tmp_path):
+    """Before, a wrong --tokenizer-from copied nothing and the export went on without a word."""
+    from megatron_hybrid.convert.mcore_to_hf import _tokenizer_files
+
+    with pytest.raises(FileNotFoundError, match=r"--tokenizer-from .*nowhere is not a directory"):
+        _tokenizer_files(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"holds none of the tokenizer files"):
+        _tokenizer_files(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert _tokenizer_files(tmp_path) == [tmp_path / "tokenizer.json"]
+    assert _tokenizer_files(None) == []
+
+
+def test_export_peft_names_a_base_that_moved(tmp_path):
+    """Before, an unreadable recorded base was reported as "its base records no HF origin"."""
+    from types import SimpleNamespace
+
+    from megatron_hybrid.convert.export_peft import _spec
+
+    meta = SimpleNamespace(base=str(tmp_path / "moved_base"))
+    with pytest.raises(ValueError, match=r"its base .*moved_base cannot be read"):
+        _spec(meta, None, tmp_path / "run")
