@@ -82,6 +82,16 @@ class TrainingState:
     optimizer_restored: bool = False
     rng_restored: bool = False
     """False when the layout changed (states are per rank) or RNG states were not saved."""
+    rng_note: str = ""
+    """Why the RNG was not restored (empty when it was)."""
+
+
+def _rng_note(restored: bool, saved: bool, same_layout: bool) -> str:
+    if restored:
+        return ""
+    if not saved:
+        return "not saved"
+    return "layout changed" if not same_layout else "not requested"
 
 
 def current_layout() -> dict:
@@ -259,7 +269,10 @@ def load_trainables(
     request: dict[str, Any] = {"model": model_sharded_state_dict(chunks, "trainables")}
     if optimizer is not None:
         if "optimizer" not in meta.contents:
-            raise CheckpointError(f"{source} holds no optimizer state; load without an optimizer")
+            raise CheckpointError(
+                f"{source} holds no optimizer state (saved with checkpoint.save_optimizer: "
+                "false); resume with checkpoint.load_optimizer: false for fresh Adam moments"
+            )
         request["optimizer"] = optimizer_sharded_state_dict(
             optimizer, request["model"], is_loading=True
         )
@@ -280,4 +293,5 @@ def load_trainables(
         meta=meta,
         optimizer_restored=optimizer is not None,
         rng_restored=restore_rng,
+        rng_note=_rng_note(restore_rng, "rng" in meta.contents, same_layout),
     )

@@ -144,7 +144,7 @@ class RunCheckpointer:
         _decode_into(data_state, state.state)
         notes = [
             "optimizer restored" if state.optimizer_restored else "fresh optimizer state",
-            "RNG restored" if state.rng_restored else "RNG not restored (layout changed)",
+            "RNG restored" if state.rng_restored else f"RNG not restored ({state.rng_note})",
         ]
         self._say(f"resumed from {self.resume_from} at step {state.step} ({', '.join(notes)})")
         return state.step

@@ -239,3 +239,16 @@ def test_a_base_saved_from_the_seed_records_the_runs_details(tmp_path, single_ra
     )
     run.prepare_base(_model(plan=None))
     assert read_meta(tmp_path / "run" / "base").details == {"char_alphabet": "_$"}
+
+
+def test_resuming_with_an_optimizer_from_a_save_without_one_names_the_setting(saved):
+    """Before: "load without an optimizer", which names no setting."""
+    from megatron_hybrid.train.step import OptimConfig, build_optimizer, wrap_ddp
+
+    tmp, _ = saved
+    ddp = wrap_ddp(_model())
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3))
+    with pytest.raises(CheckpointError, match=r"checkpoint.load_optimizer: false"):
+        load_trainables(tmp / "run", ddp, plan=TINY_PLAN, model_cfg=TINY, optimizer=optimizer)
+    state = load_trainables(tmp / "run", _model(), plan=TINY_PLAN, model_cfg=TINY)
+    assert (state.rng_restored, state.rng_note) == (True, "")
