@@ -99,6 +99,14 @@ def _markdown(data: dict) -> str:
                 f"{st['check_size']} validation prompts (target {st['target_accuracy']:g}).",
                 "",
             ]
+            if st["accuracy"] < st["target_accuracy"]:
+                lines += [
+                    f"**The start missed its target** ({st['accuracy']:.3f} < "
+                    f"{st['target_accuracy']:g} after {st['steps']} steps): RL from a start that "
+                    "gets (almost) nothing right has little to learn from; try another "
+                    "`grpo.start.lr` or `grpo.start.seed`.",
+                    "",
+                ]
         lines.append(
             "| mode | held-out accuracy (mean +- sd) | vs FFT (paired) | vs LoRA (paired) | share of LoRA->FFT gap closed | reward, last 10 steps | wall time (s) | trainable params | optimizer state (MiB) | training state (MiB) | peak memory (MiB) |"
         )

@@ -477,6 +477,11 @@ class Demo:
             f"[{stage}] start: the base after {step} steps (all weights, {time.perf_counter() - t0:.0f} s), "
             f"accuracy {acc:.3f} on {len(check)} validation prompts"
         )
+        if acc < start.target_accuracy:
+            self.say(
+                f"[{stage}] WARNING: the start missed its target accuracy {start.target_accuracy:g}; "
+                "RL from it has little to learn from (try another grpo.start.lr or grpo.start.seed)"
+            )
         return info
 
     def _sampled_batches(self, task: ArithTask, batch_size: int, seed: int):

@@ -159,3 +159,19 @@ def test_report_says_where_the_grpo_runs_start_and_scores_at_the_start(tmp_path)
     ) in grpo
     assert "Top modules by residual at the base (sft data): a (2)" in md
     assert "Top modules by residual at the start (grpo data): b (3)" in md
+    assert "missed its target" not in md
+
+
+def test_report_says_when_the_grpo_start_missed_its_target(tmp_path):
+    """Before, a start stuck at 0.000 after all its steps was reported like any other."""
+    data = {
+        "config": {"score": {"method": "residual"}},
+        "total_wall_time_s": 1.0,
+        "starts": {
+            "grpo": {"target_accuracy": 0.3, "steps": 600, "accuracy": 0.0, "check_size": 100}
+        },
+        "runs": RUNS + [_run("fft", 0, 0.2, "grpo"), _run("lora", 0, 0.1, "grpo")],
+    }
+    write_report(data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "**The start missed its target** (0.000 < 0.3 after 600 steps)" in md
