@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.utils import get_attr_wrapped_model
 
 __all__ = ["mask_padded_vocab", "next_token_nll", "unwrapped_attr"]
 
@@ -28,13 +29,12 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, first: int = 0) -> 
 
 
 def unwrapped_attr(model: torch.nn.Module, name: str):
-    """Attribute ``name`` of ``model`` or of the module it wraps (DDP, Float16Module, ...), or
-    None when no level has it."""
-    while not hasattr(model, name):
-        if not hasattr(model, "module"):
-            return None
-        model = model.module
-    return getattr(model, name)
+    """Attribute ``name`` of ``model`` or of the module it wraps (DDP, Float16Module, ...), found
+    by Megatron's own ``get_attr_wrapped_model``; None when no level has it."""
+    try:
+        return get_attr_wrapped_model(model, name)
+    except RuntimeError:  # no wrapper level has it (a model built outside build_model)
+        return None
 
 
 def next_token_nll(

@@ -26,6 +26,23 @@ def _length_reward(completion: str, answer: str, *, end_token: str = "$") -> flo
     return len(completion.split(end_token)[0]) / 10.0
 
 
+def _arith_source(chunks, cfg: GRPOConfig, num_prompts: int, **kwargs):
+    """``policy_gradient_source`` over ``num_prompts`` built-in arithmetic prompts (the same for
+    every step), character tokenizer."""
+    tok = CharTokenizer()
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(tok.encode(p), a) for p, a in ArithTask().sample(num_prompts, gen)]
+    return policy_gradient_source(
+        chunks,
+        lambda k: pairs,
+        cfg,
+        decode=tok.decode,
+        stop_token=tok.eos_id,
+        vocab_size=tok.vocab_size,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("loss", ["grpo", "gspo", "dr_grpo"])
 def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monkeypatch, loss):
     """Each loss with its own normaliser (tokens, sequences, a constant); before, calibration
@@ -43,15 +60,7 @@ def test_policy_gradient_calibration_matches_autograd(single_rank_runtime, monke
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=5),
         loss=PolicyLossConfig(loss=loss, max_response_length=5),
     )
-    pairs = [(tok.encode(p), a) for p, a in ArithTask().sample(3, torch.Generator().manual_seed(1))]
-    batches, forward_step = policy_gradient_source(
-        chunks,
-        lambda k: pairs,
-        cfg,
-        decode=tok.decode,
-        stop_token=tok.eos_id,
-        vocab_size=tok.vocab_size,
-    )
+    batches, forward_step = _arith_source(chunks, cfg, 3)
     micro = batches(0)
     assert batches(0) is micro, "rollouts are cached per step"
     assert any(b.advantages.abs().sum() > 0 for b in micro), "rewards must differ within some group"
@@ -97,7 +106,6 @@ def test_policy_gradient_rollouts_differ_across_data_parallel_ranks(
         return real_generate(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(objectives, "generate", recording_generate)
-    tok = CharTokenizer()
     chunks = build_model(MODEL, ParallelConfig())
     cfg = GRPOConfig(
         prompts_per_step=1,
@@ -105,19 +113,10 @@ def test_policy_gradient_rollouts_differ_across_data_parallel_ranks(
         micro_batch_size=4,
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=5),
     )
-    pairs = [(tok.encode(p), a) for p, a in ArithTask().sample(1, torch.Generator().manual_seed(1))]
     completions = []
     for dp_rank in (0, 1):
         monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, r=dp_rank, **k: r)
-        batches, _ = objectives.policy_gradient_source(
-            chunks,
-            lambda k: pairs,
-            cfg,
-            decode=tok.decode,
-            stop_token=tok.eos_id,
-            vocab_size=tok.vocab_size,
-            seed=3,
-        )
+        batches, _ = _arith_source(chunks, cfg, 1, seed=3)
         completions.append(torch.cat([b.tokens for b in batches(2)]))
     assert seeds == [rollout_seed(3, 2, 0), rollout_seed(3, 2, 1)]
     assert not torch.equal(completions[0], completions[1])
