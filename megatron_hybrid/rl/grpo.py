@@ -193,6 +193,7 @@ class StepStats:
     accuracy: float
     """Fraction of completions with reward 1."""
     loss: float | None
+    """The first update's loss, on every rank; None when no group was kept (no update)."""
     reward_errors: int = 0
     reward_timeouts: int = 0
     reward_first_error: str | None = None
@@ -289,9 +290,10 @@ def policy_update(
     (``LogprobSpec.of(sampling, vocab_size)``), like the micro-batches' ``old_logprobs``. None:
     the model's own softmax (``LogprobSpec()``).
 
-    Returns the loss (None off the last stage) and metrics (only ``grad_norm`` off the last
-    stage: the global gradient norm over all shards, the same on every rank, before
-    ``optim.clip_grad``), all global over the data-parallel group: the loss, ``pg_loss`` and
+    Returns the loss and metrics on every rank (computed on the last pipeline stage and broadcast
+    over the pipeline group, so that rank 0's logs have them at PP > 1 too; every rank must call
+    this), all global over the data-parallel group: ``grad_norm`` is the gradient norm over all
+    shards before ``optim.clip_grad``; the loss, ``pg_loss`` and
     ``kl`` are sums over every rank's micro-batches divided by the global normaliser count (what
     the gradient is divided by); clip fractions and the mean ratio are averages weighted by the
     tokens (GSPO: sequences) they are taken over; ``num_tokens`` / ``num_sequences`` are totals.
@@ -304,8 +306,15 @@ def policy_update(
     )
     set_learning_rate(optimizer, optim, step, total_steps)
     grad_norm = optimizer_step(optimizer, f"policy step {step}")
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None, {"grad_norm": float(grad_norm)}
+    loss, metrics = None, {}
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        loss, metrics = _global_metrics(reports)
+    metrics["grad_norm"] = float(grad_norm)
+    return _from_last_stage(loss, metrics)
+
+
+def _global_metrics(reports: Sequence[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
+    """The last stage's loss and metrics over the global batch (see :func:`policy_update`)."""
     summed = _summed_metrics(reports)
     # Every DP peer of a last-stage rank is a last-stage rank: the reduction stays among them.
     keys = sorted(summed)
@@ -320,8 +329,25 @@ def policy_update(
             metrics[k] = v
         else:  # means over stat_count tokens / sequences
             metrics[k] = v / weight
-    metrics["grad_norm"] = float(grad_norm)
     return metrics.pop("loss"), metrics
+
+
+def _from_last_stage(
+    loss: float | None, metrics: dict[str, float]
+) -> tuple[float | None, dict[str, float]]:
+    """The last pipeline stage's ``(loss, metrics)`` on every stage (a CPU object broadcast: the
+    pipeline group carries gloo for CPU tensors next to NCCL)."""
+    pp = parallel_state.get_pipeline_model_parallel_group()
+    if pp.size() == 1:
+        return loss, metrics
+    payload = [(loss, metrics)]
+    dist.broadcast_object_list(
+        payload,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=pp,
+        device=torch.device("cpu"),
+    )
+    return payload[0]
 
 
 def _summed_metrics(reports: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:

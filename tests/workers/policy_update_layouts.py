@@ -87,12 +87,12 @@ def main() -> None:
     full = gather_full_state_dict(after, MODEL_CFG, layout_fn=lora_layout, replica_atol=0.0)
     if torch.distributed.get_rank() == 0:
         full["grad_norm"] = torch.tensor(metrics["grad_norm"])  # pre-clip, over all shards
-        if loss is not None:  # rank 0 is on the last stage (PP=1); metrics are DP-global
-            # No KL term: the policy-gradient part is the whole loss, whatever the micro-batches.
-            assert abs(metrics["pg_loss"] - loss) <= 1e-6 * max(1.0, abs(loss)), (metrics, loss)
-            full["loss"] = torch.tensor(loss, dtype=torch.float64)
-            for key in METRICS:
-                full[key] = torch.tensor(metrics[key], dtype=torch.float64)
+        # On every stage (broadcast from the last one); DP-global.
+        # No KL term: the policy-gradient part is the whole loss, whatever the micro-batches.
+        assert abs(metrics["pg_loss"] - loss) <= 1e-6 * max(1.0, abs(loss)), (metrics, loss)
+        full["loss"] = torch.tensor(loss, dtype=torch.float64)
+        for key in METRICS:
+            full[key] = torch.tensor(metrics[key], dtype=torch.float64)
         torch.save(full, args.out)
     destroy_runtime()
 
